@@ -1,0 +1,18 @@
+"""ckpttool: inspect, diff and safely reschedule optimizer and LR-scheduler state in PyTorch
+checkpoints.
+
+The package imports no torch at import time; only replays (``verify``, ``reschedule``) do.
+
+Example:
+    >>> import ckpttool
+    >>> ckpt = ckpttool.load("fixtures/adamw_cosine.pt")       # doctest: +SKIP
+    >>> ckpt.schedulers[0].call                                 # doctest: +SKIP
+    'CosineAnnealingLR(T_max=40, eta_min=1e-05)'
+"""
+
+__version__ = "0.1.0"
+
+from ckpttool.errors import CkptToolError  # noqa: E402
+from ckpttool.inspection import Checkpoint, load  # noqa: E402
+
+__all__ = ["Checkpoint", "CkptToolError", "load", "__version__"]

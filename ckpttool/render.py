@@ -1,0 +1,234 @@
+"""Human reports and JSON, rendered from the same result objects.
+
+Floats are written with ``repr`` in both: the shortest text that reads back bit-identical.
+Strict JSON has no infinities or NaN, so those are written as the strings "inf", "-inf", "nan".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from ckpttool.inspection import (
+    OPTIMIZER_FLAGS,
+    SCHEDULER_GROUP_KEYS,
+    Checkpoint,
+    Finding,
+    OptimizerInfo,
+    SchedulerReport,
+)
+from ckpttool.serialization import Opaque, TensorRef, dotted_name, _Marker
+
+SHOW_SCHEMA = "ckpttool.show/1"
+
+
+# --- JSON --------------------------------------------------------------------------------------
+
+
+def jsonable(value: Any) -> Any:
+    """A value made of JSON types only (see the module docstring for floats)."""
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, TensorRef):
+        return {"tensor": {"dtype": value.dtype, "shape": list(value.shape),
+                           "device": value.device}}
+    if isinstance(value, Opaque):
+        return {"opaque": value.dotted, "args": jsonable(list(value.args)),
+                "state": jsonable(value.state)}
+    if dotted_name(value):
+        return {"global": dotted_name(value)}
+    if isinstance(value, _Marker):
+        return repr(value)
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (bytes, bytearray)):
+        return {"bytes": len(value)}
+    if isinstance(value, complex):
+        return {"real": jsonable(value.real), "imag": jsonable(value.imag)}
+    return repr(value)
+
+
+def optimizer_dict(opt: OptimizerInfo) -> dict:
+    return {
+        "location": opt.location,
+        "class": opt.cls,
+        **({"candidates": list(opt.candidates)} if opt.candidates else {}),
+        "groups": [{
+            "index": g.index, "num_params": g.num_params, "lr": jsonable(g.lr),
+            "initial_lr": jsonable(g.initial_lr),
+            "lr_tensor": g.lr_tensor.to_dict() if g.lr_tensor else None,
+            "hyper": jsonable(g.hyper),
+        } for g in opt.groups],
+        "state": {"params_with_state": opt.params_with_state, "step": jsonable(opt.step),
+                  "keys": list(opt.state_keys)},
+    }
+
+
+def scheduler_dict(s: SchedulerReport, *, top: bool = True) -> dict:
+    out: dict[str, Any] = {}
+    if top:
+        out["location"] = s.location
+    out["class"] = s.cls
+    if top:
+        out["optimizer"] = s.optimizer
+        out["pairing"] = s.pairing
+    out.update({
+        "last_epoch": s.last_epoch, "step_count": s.step_count,
+        "base_lrs": jsonable(s.base_lrs), "last_lr": jsonable(s.last_lr),
+        "args": jsonable(s.args), "call": s.call,
+        "children": [scheduler_dict(c, top=False) for c in s.children],
+        "unrecoverable": list(s.unrecoverable),
+    })
+    if s.candidates:
+        out["candidates"] = list(s.candidates)
+    if s.verify is not None:
+        out["verify"] = {"identical": s.verify.identical,
+                         "first_difference": s.verify.first_difference,
+                         "reason": s.verify.reason}
+    return out
+
+
+def finding_dict(f: Finding) -> dict:
+    return {"code": f.code, "severity": f.severity, "location": f.location,
+            "message": f.message, "hint": f.hint}
+
+
+def show_dict(ckpt: Checkpoint) -> dict:
+    """The ``ckpttool.show/1`` document for one checkpoint (PRODUCT.md section 5)."""
+    return {
+        "schema": SHOW_SCHEMA,
+        "path": ckpt.path,
+        "kind": ckpt.kind,
+        "size": ckpt.size,
+        "optimizers": [optimizer_dict(o) for o in ckpt.optimizers],
+        "schedulers": [scheduler_dict(s) for s in ckpt.schedulers],
+        "findings": [finding_dict(f) for f in ckpt.findings],
+    }
+
+
+def dumps(doc: Any) -> str:
+    return json.dumps(doc, indent=2, allow_nan=False)
+
+
+# --- human report ------------------------------------------------------------------------------
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_text(v) for v in value) + ")"
+    if isinstance(value, list):
+        return "[" + ", ".join(_text(v) for v in value) + "]"
+    return str(value)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _table(rows: list[list[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def _optimizer_lines(opt: OptimizerInfo) -> list[str]:
+    cls = opt.cls if not opt.candidates else f"{opt.cls} ({' or '.join(opt.candidates)})"
+    n_params = sum(g.num_params for g in opt.groups)
+    step = f", step {_text(opt.step)}" if opt.step is not None else ""
+    lines = [f"[{opt.location}] {cls}: {_plural(len(opt.groups), 'group')}, "
+             f"{_plural(n_params, 'param')}, state for {opt.params_with_state}{step}"]
+    if not opt.groups:
+        return lines
+    # Hyperparameter columns: every key any group has, flags aside, scheduler keys last.
+    keys: list[str] = []
+    for g in opt.groups:
+        for k in g.hyper:
+            if k not in keys and k not in OPTIMIZER_FLAGS and k not in SCHEDULER_GROUP_KEYS:
+                keys.append(k)
+    keys += [k for k in SCHEDULER_GROUP_KEYS[1:] if any(k in g.hyper for g in opt.groups)]
+    rows = [["group", "params", "lr", "initial_lr", *keys]]
+    for g in opt.groups:
+        lr = _text(g.lr) + (f" ({g.lr_tensor.dtype} tensor, {g.lr_tensor.device})"
+                            if g.lr_tensor else "")
+        rows.append([str(g.index), str(g.num_params), lr, _text(g.initial_lr),
+                     *[_text(g.hyper.get(k)) for k in keys]])
+    lines += _table(rows)
+    flags = sorted({f"{k}={_text(v)}" for g in opt.groups for k, v in g.hyper.items()
+                    if k in OPTIMIZER_FLAGS and v not in (None, False)})
+    if flags:
+        lines.append("  flags: " + " ".join(flags))
+    return lines
+
+
+def _scheduler_lines(s: SchedulerReport, indent: str = "") -> list[str]:
+    head = f"{indent}[{s.location}] {s.call}" if s.location is not None else f"{indent}{s.call}"
+    if s.location is not None:
+        head += (f"\n{indent}  drives [{s.optimizer}] (paired by {s.pairing})" if s.optimizer
+                 else f"\n{indent}  drives no optimizer in this file")
+    lines = [head]
+    if s.candidates:
+        lines.append(f"{indent}  class: {' or '.join(s.candidates)} (same saved state)")
+    counters = []
+    if s.last_epoch is not None:
+        counters.append(f"last_epoch {s.last_epoch}")
+    if s.step_count is not None:
+        counters.append(f"step_count {s.step_count}")
+    if counters:
+        lines.append(f"{indent}  " + "  ".join(counters))
+    if s.base_lrs is not None:
+        lines.append(f"{indent}  base_lrs  {_text(s.base_lrs)}")
+    if s.last_lr is not None:
+        lines.append(f"{indent}  last_lr   {_text(s.last_lr)}")
+    for i, child in enumerate(s.children):
+        lines += _scheduler_lines(child, indent + f"  [{i}] ")
+    for text in s.unrecoverable:
+        lines.append(f"{indent}  not recoverable: {text}")
+    if s.verify is not None:
+        v = s.verify
+        if v.identical:
+            lines.append(f"{indent}  verify: identical to a clean replay")
+        elif v.identical is False:
+            lines.append(f"{indent}  verify: DIFFERS from a clean replay: {v.first_difference}")
+        else:
+            lines.append(f"{indent}  verify: not replayable: {v.reason}")
+    return lines
+
+
+def _finding_lines(findings: tuple[Finding, ...]) -> list[str]:
+    if not findings:
+        return ["findings: none"]
+    lines = ["findings:"]
+    width = max(len(f.code) for f in findings)
+    for f in findings:
+        lines.append(f"  {f.severity:<7}  {f.code:<{width}}  {f.message}")
+        if f.hint:
+            lines.append(f"  {'':<7}  {'':<{width}}  fix: {f.hint}")
+    return lines
+
+
+def show_text(ckpt: Checkpoint) -> str:
+    """The human report of one checkpoint."""
+    blocks = [[f"{ckpt.path}  ({ckpt.kind}, {_size(ckpt.size)})"]]
+    blocks += [_optimizer_lines(o) for o in ckpt.optimizers]
+    blocks += [_scheduler_lines(s) for s in ckpt.schedulers]
+    blocks.append(_finding_lines(ckpt.findings))
+    return "\n\n".join("\n".join(b) for b in blocks) + "\n"
