@@ -198,8 +198,12 @@ def _scheduler_lines(s: SchedulerReport, indent: str = "") -> list[str]:
         lines.append(f"{indent}  base_lrs  {_text(s.base_lrs)}")
     if s.last_lr is not None:
         lines.append(f"{indent}  last_lr   {_text(s.last_lr)}")
+    if s.children:
+        lines.append(f"{indent}  children:")
     for i, child in enumerate(s.children):
-        lines += _scheduler_lines(child, indent + f"  [{i}] ")
+        sub = _scheduler_lines(child, indent + "      ")
+        lines.append(f"{indent}    [{i}] " + sub[0].lstrip())
+        lines += sub[1:]
     for text in s.unrecoverable:
         lines.append(f"{indent}  not recoverable: {text}")
     if s.verify is not None:

@@ -28,7 +28,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from ckpttool.errors import InputError, UnsafeCheckpointError
+from ckpttool.errors import InputError
 
 # --- torch's on-disk vocabulary -------------------------------------------------------------
 
@@ -614,8 +614,8 @@ def _read_zip(path: str, size: int) -> TorchFile:
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise InputError(f"{path}: damaged zip archive ({e}); the file is truncated or "
-                         "corrupted: re-copy or re-save it") from None
+        raise InputError(f"{path}: damaged zip archive: the file is truncated or corrupted "
+                         f"({e}); re-copy or re-save it") from None
     with zf:
         infos = zf.infolist()
         pkl = [i for i in infos if i.filename.endswith("data.pkl")

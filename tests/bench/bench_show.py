@@ -1,0 +1,30 @@
+"""Benchmark: `ckpttool show` on a ~4 GB checkpoint vs torch.load(mmap=True, weights_only=True).
+
+    python tests/bench/bench_show.py [--gb 4] [--repeats 5]
+
+Target (PRODUCT.md section 6): ckpttool at most 0.25x the torch one-liner's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from common import DATA, PY, compare, make_checkpoint, report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--gb", type=float, default=4.0)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    path = make_checkpoint(DATA / f"big_{args.gb:g}gb.pt", args.gb)
+    ours = [PY, "-m", "ckpttool", "show", str(path)]
+    torch_load = [PY, "-c", "import torch, sys; torch.load(sys.argv[1], mmap=True, "
+                  "weights_only=True)", str(path)]
+    report("show", compare(ours, torch_load, args.repeats), target=0.25)
+    report("show --json", compare(ours[:4] + ["--json", str(path)], torch_load, args.repeats),
+           target=0.25)
+
+
+if __name__ == "__main__":
+    main()

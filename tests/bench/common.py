@@ -1,0 +1,87 @@
+"""Shared pieces of the benchmarks: a big realistic checkpoint, and timing of whole commands.
+
+Benchmarks compare ckpttool with a baseline *in the same run, on the same files*, alternating
+the two, and report the median ratio; absolute times on one machine mean little elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parent / "_data"
+
+
+def make_checkpoint(path: Path, gigabytes: float = 4.0, *, seed: int = 0) -> Path:
+    """A torch.save file of about `gigabytes`: model weights plus AdamW state (step, moments).
+
+    One third of the bytes are weights, two thirds Adam moments, as in a real AdamW run; the
+    optimizer and a CosineAnnealingLR come from real torch objects stepped on a tiny stand-in
+    and then given the big state, so every key is what torch writes.
+    """
+    import torch
+
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    per_tensor = 16 * 1024 * 1024  # 64 MB float32 tensors, like a large transformer's layers
+    n_params = max(1, int(gigabytes * 1024**3 / 3 / (per_tensor * 4)))
+    names = [f"layers.{i}.weight" for i in range(n_params)]
+    model = {n: torch.randn(per_tensor) for n in names}
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in names]
+    opt = torch.optim.AdamW([{"params": params[::2], "weight_decay": 0.01},
+                             {"params": params[1::2], "weight_decay": 0.0}], lr=3e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10_000, eta_min=1e-6)
+    for _ in range(500):
+        opt.step()
+        sched.step()
+    sd = opt.state_dict()
+    order = [i for g in sd["param_groups"] for i in g["params"]]
+    sd["state"] = {i: {"step": torch.tensor(500.0), "exp_avg": torch.randn(per_tensor) * 1e-3,
+                       "exp_avg_sq": torch.rand(per_tensor) * 1e-6} for i in order}
+    torch.save({"step": 500, "model": model, "optimizer": sd, "scheduler": sched.state_dict()},
+               path)
+    return path
+
+
+def run(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one command, run to completion."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if proc.returncode not in (0, 1):
+        raise RuntimeError(f"{cmd} failed ({proc.returncode}): {err}")
+    return wall, usage.ru_maxrss * 1024
+
+
+def compare(ours: list[str], baseline: list[str], repeats: int = 5) -> dict:
+    """Alternate the two commands `repeats` times; medians, their ratio, peak RSS."""
+    a, b, rss_a, rss_b = [], [], [], []
+    run(ours), run(baseline)  # warm the page cache for both
+    for _ in range(repeats):
+        t, r = run(ours)
+        a.append(t), rss_a.append(r)
+        t, r = run(baseline)
+        b.append(t), rss_b.append(r)
+    ma, mb = statistics.median(a), statistics.median(b)
+    return {"ours_s": ma, "baseline_s": mb, "ratio": ma / mb,
+            "ours_peak_rss_mb": max(rss_a) / 2**20, "baseline_peak_rss_mb": max(rss_b) / 2**20}
+
+
+def report(name: str, result: dict, target: float) -> None:
+    verdict = "OK" if result["ratio"] <= target else "OVER TARGET"
+    print(f"{name}: ckpttool {result['ours_s']:.3f}s vs baseline {result['baseline_s']:.3f}s "
+          f"-> ratio {result['ratio']:.3f} (target <= {target}) {verdict}; peak RSS "
+          f"{result['ours_peak_rss_mb']:.0f} MB vs {result['baseline_peak_rss_mb']:.0f} MB",
+          flush=True)
+
+
+PY = sys.executable
