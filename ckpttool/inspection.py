@@ -444,6 +444,37 @@ def _dangerous_calls(root: Any) -> list[str]:
     return calls
 
 
+# --- verification (imports torch) -------------------------------------------------------------
+
+
+def _verified(file: TorchFile, opt: OptimizerInfo | None, sched: SchedulerReport) -> SchedulerReport:
+    """The scheduler report with its replay verdict attached (see schedule.verify)."""
+    from dataclasses import replace
+
+    from ckpttool import schedule
+
+    if opt is None:
+        result = schedule.VerifyResult(None, reason="no optimizer to replay it on")
+    else:
+        groups = schedule.materialize(list(opt.state["param_groups"]), file)
+        state = schedule.materialize(sched.state, file)
+        result = schedule.verify(opt.cls, groups, state, sched.info)
+    return replace(sched, verify=result)
+
+
+def _verify_findings(sched: SchedulerReport) -> list[Finding]:
+    v, loc = sched.verify, sched.location or ""
+    if v.identical is False:
+        return [Finding(
+            "verify-mismatch", "error", loc,
+            f"not what a clean run of {sched.call} holds at this step: {v.first_difference}",
+            "the state was edited or built another way; `ckpttool reschedule` rewrites it to "
+            "the clean replay")]
+    if v.identical is None:
+        return [Finding("verify-unavailable", "info", loc, f"cannot replay: {v.reason}")]
+    return []
+
+
 # --- the entry point -------------------------------------------------------------------------
 
 
@@ -494,10 +525,8 @@ def inspect_file(file: TorchFile, *, verify: bool = False) -> Checkpoint:
             "no-state", "info", "", "no optimizer or scheduler state in this checkpoint",
             "it may hold model weights only; the optimizer is often saved in another file"))
     if verify:
-        from ckpttool.verification import verify_schedulers
-
-        schedulers, extra = verify_schedulers(file, optimizers, schedulers)
-        findings += extra
+        schedulers = [_verified(file, by_location.get(s.optimizer), s) for s in schedulers]
+        findings += [f for s in schedulers for f in _verify_findings(s)]
     order = {"error": 0, "warning": 1, "info": 2}
     findings.sort(key=lambda f: order.get(f.severity, 3))
     return Checkpoint(file.path, lay.kind, file.size, tuple(optimizers), tuple(schedulers),

@@ -1,0 +1,441 @@
+"""The recompute: a stand-in optimizer, the real torch scheduler, re-stepped.
+
+Learning rates are never computed from a formula of ckpttool's own: recursive and closed forms
+differ in the last bits (reference section 3a), so only re-stepping the real scheduler is bit-exact.
+A stand-in optimizer carries the stored groups' hyperparameters on one tiny dummy parameter per
+stored parameter; it is never stepped with gradients, only schedulers touch it.
+
+This module imports torch; only ``show --verify`` and ``reschedule`` import it.
+
+Example:
+    >>> import torch
+    >>> from ckpttool.schedulers import identify_scheduler
+    >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    >>> sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=40)
+    >>> for _ in range(7):
+    ...     opt.step(); sched.step()
+    >>> groups = opt.state_dict()["param_groups"]
+    >>> info = identify_scheduler(sched.state_dict(), groups)
+    >>> verify("SGD", groups, sched.state_dict(), info).identical
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from itertools import repeat
+from typing import Any
+
+import torch
+from torch.optim import lr_scheduler as torch_schedulers
+
+from ckpttool.errors import CkptToolError, ReplayError
+from ckpttool.schedulers import (
+    SCHEDULER_GROUP_KEYS,
+    TRANSIENT_KEYS,
+    SchedulerInfo,
+    differences,
+    format_call,
+    replay_steps,
+)
+from ckpttool.serialization import TensorRef, TorchFile, load_tensor
+
+__all__ = ["VerifyResult", "build_scheduler", "materialize", "replay", "standin_optimizer",
+           "verify"]
+
+# Group keys a scheduler constructor sets itself (setdefault or assignment). Leaving them out of
+# the stand-in makes the constructor set them as it did in the original run; a stale copy would
+# win over the new lr (setdefault, reference 2.6).
+SCHEDULER_SET_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "max_momentum",
+                                "base_momentum"})
+
+# Torch warns when a scheduler steps before its optimizer; a replay never steps the optimizer
+# (it has no gradients), so the warning says nothing here.
+_STEP_ORDER_WARNING = r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
+
+# Steps between progress reports: about a tenth of a second of CosineAnnealingLR.
+_PROGRESS_EVERY = 1 << 15
+
+# At most this many differences are collected: enough to see a pattern, bounded for huge states.
+_MAX_DIFFERENCES = 50
+
+
+# --- the stand-in optimizer -------------------------------------------------------------------
+
+
+class _StandinOptimizer(torch.optim.Optimizer):
+    """A generic optimizer for classes torch lacks (or refuses on CPU); it never updates."""
+
+    def step(self, closure: Callable | None = None) -> None:
+        """Nothing to do: schedulers only read and write the groups."""
+
+
+def _optimizer_class(name: str) -> type[torch.optim.Optimizer] | None:
+    short = name.rsplit(".", 1)[-1] if name.startswith("torch.optim") else name
+    cls = getattr(torch.optim, short, None)
+    if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and (
+            cls is not torch.optim.Optimizer):
+        return cls
+    return None
+
+
+def _check_read(value: Any, where: str) -> None:
+    if isinstance(value, TensorRef):
+        raise ReplayError(f"{where} is a tensor whose value was not read; materialize the "
+                          "checkpoint's tensors first (ckpttool.schedule.materialize)")
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_read(v, f"{where}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_read(v, f"{where}[{i}]")
+
+
+def _base_lr(group: Mapping[str, Any], index: int) -> Any:
+    """The lr a group had when its scheduler was built: initial_lr, in the type of lr."""
+    lr = group.get("lr")
+    base = group.get("initial_lr", lr)
+    if base is None:
+        raise ReplayError(f"param group {index} has neither lr nor initial_lr")
+    if isinstance(lr, torch.Tensor):
+        # Scheduler arithmetic runs in the lr tensor's dtype and on its device (reference 5), so
+        # the stand-in's lr is a tensor like the run's, holding the base value.
+        if isinstance(base, torch.Tensor):
+            return base.detach().to(dtype=lr.dtype, device=lr.device, copy=True)
+        return torch.tensor(base, dtype=lr.dtype, device=lr.device)
+    if isinstance(base, torch.Tensor):
+        return base.detach().clone()
+    return base
+
+
+def _hyperparameters(group: Mapping[str, Any], index: int) -> dict[str, Any]:
+    hyper = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v))
+             for k, v in group.items()
+             if k not in SCHEDULER_SET_KEYS and k not in ("params", "param_names")}
+    hyper["lr"] = _base_lr(group, index)
+    return hyper
+
+
+def standin_optimizer(opt_class: str, groups: list[Mapping[str, Any]]) -> torch.optim.Optimizer:
+    """An optimizer of the stored class with the stored groups, ready for a scheduler.
+
+    One tiny dummy Parameter per stored param (``len(group["params"])``). Each group carries the
+    stored hyperparameters with lr = its base lr (``initial_lr`` when present, else ``lr``; a
+    tensor lr stays a tensor of the same dtype and device) and without the keys a scheduler sets
+    itself (``initial_lr``, ``max_lr``, ``min_lr``, ``max_momentum``, ``base_momentum``).
+    ``defaults`` are group 0's values, as if the run built the optimizer with them (HF's
+    polynomial schedule reads ``optimizer.defaults["lr"]``). The class is built with its own
+    defaults and then given the stored values, so flags torch refuses on CPU (capturable, foreach
+    with a tensor lr, fused) still load; a class torch lacks becomes a generic Optimizer subclass
+    with the same keys. The stand-in is never stepped with gradients.
+
+    Args:
+        opt_class: the optimizer class name ("AdamW", "torch.optim.SGD", or anything else).
+        groups: the stored param_groups; tensors already materialised as torch tensors.
+
+    Raises:
+        ReplayError: no groups, a group without lr, or an unread TensorRef.
+
+    Example:
+        >>> opt = standin_optimizer("AdamW", [{"lr": 0.0005, "initial_lr": 0.001,
+        ...     "betas": (0.9, 0.999), "weight_decay": 0.01, "params": [0, 1]}])
+        >>> opt.param_groups[0]["lr"], len(opt.param_groups[0]["params"]), opt.defaults["lr"]
+        (0.001, 2, 0.001)
+    """
+    if not groups:
+        raise ReplayError("the optimizer has no param groups to rebuild")
+    _check_read(list(groups), "param_groups")
+    hypers = [_hyperparameters(g, i) for i, g in enumerate(groups)]
+    params = []
+    for g in groups:
+        stored = g.get("params")
+        count = len(stored) if isinstance(stored, (list, tuple)) else 1
+        params.append([torch.nn.Parameter(torch.zeros(1)) for _ in range(count)])
+    defaults = dict(hypers[0])
+    cls = _optimizer_class(opt_class)
+    optimizer: torch.optim.Optimizer | None = None
+    if cls is not None:
+        try:
+            optimizer = cls([{"params": p} for p in params])
+        except (ValueError, TypeError, RuntimeError, AssertionError):
+            optimizer = None  # e.g. LBFGS allows one group, Muon only 2-D params
+    if optimizer is None:
+        optimizer = _StandinOptimizer([{"params": p} for p in params], dict(defaults))
+    optimizer.defaults.update(defaults)
+    for group, hyper in zip(optimizer.param_groups, hypers, strict=True):
+        group.update(hyper)
+    return optimizer
+
+
+def materialize(value: Any, file: TorchFile, device: str | None = None) -> Any:
+    """A copy of a tree with every TensorRef replaced by the torch tensor its bytes hold.
+
+    It reads every tensor in ``value``: pass the param_groups and the scheduler state, never a
+    whole checkpoint with its model weights.
+
+    Args:
+        value: a tree read by ckpttool.serialization (dicts, lists, tuples, TensorRef, ...).
+        file: the file the tree was read from (its tensor records hold the bytes).
+        device: where the tensors go; default: where each was saved from. Scheduler arithmetic
+            runs where the lr lives, so a bit-exact check of a CUDA run wants ``"cuda"``.
+
+    Example:
+        >>> from ckpttool.serialization import read_checkpoint  # doctest: +SKIP
+        >>> ckpt = read_checkpoint("run.pt")                     # doctest: +SKIP
+        >>> groups = materialize(ckpt.root["optimizer"]["param_groups"], ckpt)  # doctest: +SKIP
+    """
+    if isinstance(value, TensorRef):
+        if not isinstance(getattr(torch, value.dtype, None), torch.dtype):
+            raise ReplayError(f"cannot rebuild a {value.dtype} tensor")
+        return load_tensor(file, value, device or "cpu")
+    if isinstance(value, Mapping):
+        out = {k: materialize(v, file, device) for k, v in value.items()}
+        return type(value)(out) if type(value) is not dict else out
+    if isinstance(value, tuple):
+        return tuple(materialize(v, file, device) for v in value)
+    if isinstance(value, list):
+        return [materialize(v, file, device) for v in value]
+    return value
+
+
+# --- the scheduler ----------------------------------------------------------------------------
+
+
+def build_scheduler(info: SchedulerInfo, optimizer: torch.optim.Optimizer,
+                    **overrides: Any) -> torch_schedulers.LRScheduler:
+    """The torch scheduler ``info`` describes, constructed on ``optimizer`` with last_epoch=-1.
+
+    Sub-schedulers are built first, in order, on the same optimizer, as a training script does
+    (their constructors touch the group lrs, and SequentialLR undoes that).
+
+    Args:
+        info: from :func:`ckpttool.schedulers.identify_scheduler`.
+        optimizer: usually a :func:`standin_optimizer`.
+        **overrides: constructor arguments replacing or completing the recovered ones (e.g.
+            ``lr_lambda=fn`` for a LambdaLR, ``T_max=2000``, ``schedulers=[...]``).
+
+    Raises:
+        ReplayError: unknown class, or an argument that was not stored and not given.
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        >>> info = SchedulerInfo("StepLR", {"step_size": 10, "gamma": 0.5})
+        >>> build_scheduler(info, opt, step_size=20).step_size
+        20
+    """
+    if info.cls not in torch_schedulers.__all__ or info.cls == "LRScheduler":
+        raise ReplayError(f"cannot rebuild an unknown scheduler class: "
+                          f"{'; '.join(info.unrecoverable) or info.cls}")
+    missing = [name for name in info.missing if name not in overrides]
+    if missing:
+        raise ReplayError(f"cannot rebuild {format_call(info)}: {' '.join(info.unrecoverable)} "
+                          f"Give {', '.join(missing)} explicitly.")
+    # Copies: torch keeps some argument objects (SequentialLR's milestones list) as its state.
+    kwargs = copy.deepcopy(info.args)
+    kwargs.update(overrides)
+    cls = getattr(torch_schedulers, info.cls)
+    if info.cls in ("SequentialLR", "ChainedScheduler"):
+        if "schedulers" not in kwargs:
+            kwargs["schedulers"] = [build_scheduler(c, optimizer) for c in info.children]
+        if info.cls == "ChainedScheduler":
+            return cls(kwargs.pop("schedulers"), optimizer=optimizer, **kwargs)
+    return cls(optimizer, **kwargs)
+
+
+def replay(scheduler: Any, steps: int,
+           progress: Callable[[int, int], None] | None = None) -> None:
+    """Call ``scheduler.step()`` ``steps`` times, as fast as a bare loop.
+
+    Args:
+        scheduler: a torch scheduler (not ReduceLROnPlateau, whose steps need metrics).
+        steps: how many steps.
+        progress: called as ``progress(done, steps)`` every 32768 steps and at the end.
+
+    Raises:
+        ReplayError: ReduceLROnPlateau, or a negative step count.
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        >>> sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)
+        >>> replay(sched, 3)
+        >>> sched.last_epoch, opt.param_groups[0]["lr"]
+        (3, 0.0125)
+    """
+    if isinstance(scheduler, torch_schedulers.ReduceLROnPlateau):
+        raise ReplayError("ReduceLROnPlateau cannot be replayed: its steps follow metric values "
+                          "that are not stored")
+    if steps < 0:
+        raise ReplayError(f"cannot replay a negative number of steps ({steps})")
+    step = scheduler.step  # bound once: the loop below is the bare loop, minus a lookup
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_STEP_ORDER_WARNING, category=UserWarning)
+        done = 0
+        while done < steps:
+            n = min(_PROGRESS_EVERY, steps - done)
+            for _ in repeat(None, n):
+                step()
+            done += n
+            if progress is not None:
+                progress(done, steps)
+
+
+# --- verification -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Whether a stored schedule is bit-identical to a clean replay of its recovered arguments.
+
+    Attributes:
+        identical: True / False, or None when it cannot be replayed (see ``reason``).
+        first_difference: the first differing field, e.g. ``"scheduler._last_lr[1]: stored
+            0.0005 != replayed 0.00049999"``; None when identical or not replayed.
+        reason: why it cannot be replayed (ReduceLROnPlateau, a lambda not stored, ...).
+        differences: every differing field found (at most 50), first one first.
+        steps: the number of steps replayed, when replayed.
+        call: the constructor call that was replayed.
+    """
+
+    identical: bool | None
+    first_difference: str | None = None
+    reason: str | None = None
+    differences: tuple[str, ...] = ()
+    steps: int | None = None
+    call: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view."""
+        return {"identical": self.identical, "first_difference": self.first_difference,
+                "reason": self.reason, "differences": list(self.differences),
+                "steps": self.steps, "call": self.call}
+
+
+def _tensors_equal(a: Any, b: Any) -> bool:
+    """Same dtype, shape and bytes (devices may differ: the caller chose where to load)."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return False  # an unread TensorRef has no bytes to compare
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    a_bytes = a.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    b_bytes = b.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return torch.equal(a_bytes, b_bytes)
+
+
+def _group_differences(stored: list[Mapping], replayed: list[Mapping], info: SchedulerInfo):
+    keys = [k for k in SCHEDULER_GROUP_KEYS
+            if k not in ("momentum", "betas") or info.cycles_momentum]
+    if len(stored) != len(replayed):
+        yield (f"optimizer.param_groups: stored {len(stored)} groups != replayed "
+               f"{len(replayed)}")
+        return
+    for i, (s, r) in enumerate(zip(stored, replayed)):
+        for key in keys:
+            path = f"optimizer.param_groups[{i}].{key}"
+            if key in s and key in r:
+                yield from differences(s[key], r[key], path, tensor_equal=_tensors_equal)
+            elif key in s:
+                yield f"{path}: in the stored group ({s[key]!r}), absent from a clean run"
+            elif key in r:
+                yield f"{path}: absent from the stored group (a clean run has {r[key]!r})"
+
+
+def _leaves(state: Any, info: SchedulerInfo):
+    """(state, info) of each non-composite scheduler, in the order a script constructs them."""
+    if info.children and isinstance(state, Mapping) and isinstance(
+            state.get("_schedulers"), (list, tuple)):
+        for sub, child in zip(state["_schedulers"], info.children):
+            yield from _leaves(sub, child)
+    else:
+        yield state, info
+
+
+def _lrs_seen_by_first_scheduler(state: Mapping, info: SchedulerInfo) -> list | None:
+    """The group lrs the first-built scheduler saw, when group initial_lr no longer holds them.
+
+    Every class setdefaults initial_lr except OneCycleLR, which assigns it; so when a OneCycleLR
+    follows another scheduler inside a SequentialLR / ChainedScheduler, initial_lr is OneCycle's
+    and only the first scheduler's base_lrs remember the optimizer's lr. (CyclicLR and OneCycleLR
+    set the lr from their own arguments, so when one of them comes first nothing is lost.)
+    """
+    leaves = list(_leaves(state, info))
+    first_state, first = leaves[0]
+    if first.cls in ("OneCycleLR", "CyclicLR") or not any(
+            leaf.cls == "OneCycleLR" for _, leaf in leaves[1:]):
+        return None
+    base_lrs = first_state.get("base_lrs") if isinstance(first_state, Mapping) else None
+    return list(base_lrs) if isinstance(base_lrs, (list, tuple)) else None
+
+
+def verify(opt_class: str, groups: list[Mapping[str, Any]], sched_state: Mapping[str, Any],
+           info: SchedulerInfo) -> VerifyResult:
+    """Replay the stored schedule from its recovered arguments and compare bit for bit.
+
+    Rebuilds the stand-in optimizer from the stored groups (base lrs = initial_lr, or the first
+    sub-scheduler's base_lrs when a later OneCycleLR overwrote initial_lr), constructs
+    the scheduler from ``info`` with last_epoch=-1, replays ``replay_steps`` steps, then compares
+    every key of the scheduler state (children too; floats by their bytes, tensors by dtype and
+    bytes) and every scheduler-owned key of each param group (lr, initial_lr, momentum/betas when
+    cycled, max_lr, min_lr, max_momentum, base_momentum).
+
+    Args:
+        opt_class: the optimizer class name, as inferred from its group keys.
+        groups: the stored param_groups, tensors materialised (see :func:`materialize`).
+        sched_state: the stored scheduler state, tensors materialised.
+        info: ``identify_scheduler(sched_state, groups)``.
+
+    Example:
+        >>> from ckpttool.schedulers import identify_scheduler
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3)
+        >>> for _ in range(5):
+        ...     opt.step(); sched.step()
+        >>> groups = opt.state_dict()["param_groups"]
+        >>> groups[0]["lr"] = 0.02  # a hand edit
+        >>> verify("SGD", groups, sched.state_dict(), identify_scheduler(sched.state_dict(),
+        ...        groups)).first_difference
+        'optimizer.param_groups[0].lr: stored 0.02 != replayed 0.010000000000000002'
+    """
+    call = format_call(info)
+    blocker = info.replay_blocker
+    if blocker is not None:
+        return VerifyResult(None, reason=blocker, call=call)
+    try:
+        _check_read(sched_state, "scheduler")
+        steps = replay_steps(sched_state, info)
+        start_lrs = _lrs_seen_by_first_scheduler(sched_state, info)
+        if start_lrs is None and any("initial_lr" not in g for g in groups):
+            # A group lost its initial_lr (a hand edit): the scheduler's base_lrs still say what
+            # the run started from, so the replay answers "is the schedule itself clean?".
+            first_state, _ = next(_leaves(sched_state, info))
+            base = first_state.get("base_lrs") if isinstance(first_state, Mapping) else None
+            start_lrs = list(base) if isinstance(base, (list, tuple)) else None
+        if start_lrs is not None and len(start_lrs) == len(groups):
+            groups_at_start = [{**g, "initial_lr": lr} for g, lr in zip(groups, start_lrs)]
+        else:
+            groups_at_start = list(groups)
+        optimizer = standin_optimizer(opt_class, groups_at_start)
+        scheduler = build_scheduler(info, optimizer)
+        replay(scheduler, steps)
+    except CkptToolError as e:
+        return VerifyResult(None, reason=str(e), call=call)
+    except (ArithmeticError, LookupError, RuntimeError, TypeError, ValueError) as e:
+        # torch refusing the arguments or a step, e.g. stepping OneCycleLR past total_steps
+        return VerifyResult(None, reason=f"torch refused to replay {call}: "
+                                         f"{type(e).__name__}: {e}", call=call)
+    found: list[str] = []
+    # _is_initial / _get_lr_called_within_step are transients (always False when saved, absent
+    # in older torch) and `verbose` (saved by torch < 2.7) changes no lr: the only keys skipped.
+    for line in differences(sched_state, scheduler.state_dict(), "scheduler",
+                            tensor_equal=_tensors_equal, ignore=TRANSIENT_KEYS | {"verbose"}):
+        found.append(line)
+        if len(found) >= _MAX_DIFFERENCES:
+            break
+    if len(found) < _MAX_DIFFERENCES:
+        for line in _group_differences(list(groups), optimizer.param_groups, info):
+            found.append(line)
+            if len(found) >= _MAX_DIFFERENCES:
+                break
+    return VerifyResult(not found, found[0] if found else None, None, tuple(found), steps, call)
