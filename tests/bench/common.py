@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent / "_data"
+_in_builder = False
 
 
 def make_checkpoint(path: Path, gigabytes: float = 4.0, *, seed: int = 0) -> Path:
@@ -23,10 +24,18 @@ def make_checkpoint(path: Path, gigabytes: float = 4.0, *, seed: int = 0) -> Pat
     optimizer and a CosineAnnealingLR come from real torch objects stepped on a tiny stand-in
     and then given the big state, so every key is what torch writes.
     """
-    import torch
-
     if path.exists():
         return path
+    if not _in_builder:
+        # Build in a child: a process that once held 4 GB passes that high-water mark on to the
+        # commands it later forks, which would spoil their peak-RSS figures.
+        subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                        "import common; common._in_builder = True; "
+                        "common.make_checkpoint(common.Path(sys.argv[2]), float(sys.argv[3]))",
+                        str(Path(__file__).parent), str(path), str(gigabytes)], check=True)
+        return path
+    import torch
+
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     per_tensor = 16 * 1024 * 1024  # 64 MB float32 tensors, like a large transformer's layers
