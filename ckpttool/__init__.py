@@ -14,5 +14,6 @@ __version__ = "0.1.0"
 
 from ckpttool.errors import CkptToolError  # noqa: E402
 from ckpttool.inspection import Checkpoint, load  # noqa: E402
+from ckpttool.rescheduling import Rescheduled, reschedule  # noqa: E402
 
-__all__ = ["Checkpoint", "CkptToolError", "load", "__version__"]
+__all__ = ["Checkpoint", "CkptToolError", "Rescheduled", "load", "reschedule", "__version__"]

@@ -32,3 +32,7 @@ class StateError(CkptToolError):
 
 class ReplayError(CkptToolError):
     """A schedule cannot be rebuilt or re-stepped (missing lambda, unknown class, ...)."""
+
+
+class SpecError(CkptToolError):
+    """A --scheduler SPEC, --set or --lr option is refused as written; nothing was evaluated."""

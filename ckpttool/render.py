@@ -236,3 +236,54 @@ def show_text(ckpt: Checkpoint) -> str:
     blocks += [_scheduler_lines(s) for s in ckpt.schedulers]
     blocks.append(_finding_lines(ckpt.findings))
     return "\n\n".join("\n".join(b) for b in blocks) + "\n"
+
+
+# --- reschedule --------------------------------------------------------------------------------
+
+
+def reschedule_dict(plan: Any, saved: Any = None) -> dict:
+    """The ``ckpttool.reschedule/1`` document."""
+    doc = plan.to_dict()
+    doc["output"] = saved.path if saved is not None else None
+    doc["verified_steps"] = saved.verified_steps if saved is not None else None
+    doc["dry_run"] = saved is None
+    return doc
+
+
+def reschedule_text(plan: Any, saved: Any = None) -> str:
+    """The human report of a reschedule: per group old -> new, the scheduler, what to do next."""
+    target = saved.path if saved is not None else "(dry run: nothing written)"
+    how = (f"replayed {plan.steps} steps" if plan.semantics == "replay"
+           else "changed in place, not replayed")
+    lines = [f"{plan.source.path} -> {target}  ({how})", ""]
+    keys: list[str] = []
+    for g in plan.groups:
+        keys += [k for k in list(g.changes) if k not in keys]
+    if keys:
+        rows = [["group", *keys]]
+        for g in plan.groups:
+            rows.append([str(g.index)] + [
+                f"{_text(g.changes[k][0])} -> {_text(g.changes[k][1])}" if k in g.changes
+                else "unchanged" for k in keys])
+        lines.append(f"[{plan.optimizer}]")
+        lines += _table(rows)
+        removed = sorted({k for g in plan.groups for k in g.removed})
+        if removed:
+            lines.append(f"  removed from the groups: {', '.join(removed)}")
+    else:
+        lines.append(f"[{plan.optimizer}] param groups unchanged")
+    lines += ["", f"[{plan.scheduler}] {plan.old_call or '(none)'}", f"  -> {plan.new_call}"]
+    for note in plan.notes:
+        lines.append(f"note: {note}")
+    lines.append("")
+    if saved is not None and saved.verified_steps:
+        lines.append(f"verified: a fresh optimizer and scheduler loaded from {saved.path} follow "
+                     f"the replay bit for bit for the next {saved.verified_steps} steps")
+    elif saved is not None:
+        lines.append(f"verified: {saved.path} reads back as planned")
+    lines += ["", "In the training script, build the scheduler as:",
+              f"  scheduler = torch.optim.lr_scheduler.{plan.new_call.replace('(', '(optimizer, ', 1) if '()' not in plan.new_call else plan.new_call.replace('()', '(optimizer)')}",
+              "and resume in this order:",
+              "  optimizer = <as before>; scheduler = <the line above>;",
+              "  optimizer.load_state_dict(...); scheduler.load_state_dict(...)"]
+    return "\n".join(lines) + "\n"

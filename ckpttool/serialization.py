@@ -1,4 +1,5 @@
-"""The only module that reads checkpoint bytes: a safe, lazy reader for ``torch.save`` files.
+"""The only module that reads or writes checkpoint bytes: a safe, lazy reader for ``torch.save``
+files, and a writer that re-emits an edited tree with every tensor record copied byte for byte.
 
 Safety: the pickle inside a checkpoint is run by an unpickler whose ``find_class`` never imports
 anything. A short allowlist maps the globals torch itself writes (tensor rebuilders, storage
@@ -11,24 +12,42 @@ Laziness: tensors are never materialised. The unpickler turns each one into a :c
 (dtype, shape, stride, storage record) and only :meth:`TorchFile.read_storage` reads bytes, on
 request, for the few scalar tensors a report needs (a tensor learning rate, Adam's ``step``).
 
+Writing: :func:`write_checkpoint` pickles the (edited) tree the way ``torch.save`` would have,
+without importing anything the checkpoint names (opaque values are re-emitted by name, with the
+opcodes they were read with), and copies the storage records the new tree still references with
+kernel-side copies: tensor bytes never pass through Python objects or torch. Tensors a rewrite
+creates arrive as :class:`NewTensor` values. The output appears atomically (:func:`atomic_output`).
+
 Example:
     >>> ckpt = read_checkpoint("fixtures/adamw_cosine.pt")       # doctest: +SKIP
     >>> ckpt.kind, sorted(ckpt.root)                            # doctest: +SKIP
     ('torch-zip', ['epoch', 'model', 'optimizer', 'scheduler'])
+    >>> ckpt.root["optimizer"]["param_groups"][0]["lr"] = 1e-4   # doctest: +SKIP
+    >>> write_checkpoint(ckpt, ckpt.root, "out.pt")              # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import copyreg
+import errno
+import hashlib
 import io
+import itertools
 import os
 import pickle
+import secrets
+import stat
 import struct
+import sys
 import zipfile
+import zlib
 from collections import Counter, OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from ckpttool.errors import InputError
+from ckpttool.errors import CkptToolError, InputError
 
 # --- torch's on-disk vocabulary -------------------------------------------------------------
 
@@ -295,8 +314,11 @@ def opaque_class(module: str, name: str) -> type:
     dotted = f"{module}.{name}"
     cls = _OPAQUE_CLASSES.get(dotted)
     if cls is None:
+        # global_module / global_name keep the split the pickle used, so a writer can name the
+        # global again exactly (a protocol-4 name may itself contain dots).
         cls = type(name.rsplit(".", 1)[-1] or "opaque", (Opaque,),
-                   {"dotted": dotted, "__slots__": (), "__module__": "ckpttool.opaque"})
+                   {"dotted": dotted, "global_module": module, "global_name": name,
+                    "__slots__": (), "__module__": "ckpttool.opaque"})
         _OPAQUE_CLASSES[dotted] = cls
     return cls
 
@@ -788,3 +810,836 @@ def load_tensor(file: TorchFile, ref: TensorRef, device: str | None = None):
     flat = (torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype) if raw
             else torch.empty(0, dtype=dtype))
     return flat.reshape(ref.shape).clone().to(device or ref.device)
+
+
+# --- writing checkpoints -------------------------------------------------------------------
+#
+# A rewrite pickles the edited tree the way torch.save would have pickled it, and copies every
+# storage record the new tree still references byte for byte, inside the kernel. A storage the
+# new tree no longer references (the old scheduler's tensor lrs, say) is not written: torch.save
+# never writes a storage nothing points to, and keeping it would only leave dead bytes behind.
+
+# torch.save's pickle protocol (torch.serialization.DEFAULT_PROTOCOL); see _protocol_for.
+PICKLE_PROTOCOL = 2
+# Every zip payload starts at a multiple of this (torch's config.save.storage_alignment).
+STORAGE_ALIGNMENT = 64
+# `.format_version` "1": storage records lie in the order the pickle first names them, the
+# property torch.load(map_location="meta") and config.load.calculate_storage_offsets rely on.
+ZIP_FORMAT_VERSION = b"1"
+# The `version` record of a torch.save file, for an input that has none to keep.
+ZIP_DEFAULT_VERSION = b"3\n"
+# What a torch.save zip holds besides data/<key>; an input with anything else is refused.
+_ZIP_KNOWN_RECORDS = frozenset({"data.pkl", ".format_version", ".storage_alignment",
+                                "byteorder", "version", ".data/version",
+                                ".data/serialization_id"})
+# miniz (torch's zip writer) moves a size or offset into a zip64 field at or above this value
+# and leaves 0xFFFFFFFF in the 32-bit field; a test lowers the threshold to write zip64 small.
+_ZIP64_LIMIT = 0xFFFFFFFF
+_U32_MAX = 0xFFFFFFFF
+_ZIP_UTF8_NAME = 0x0800  # general purpose flag bit 11
+_ZIP_HAS_DESCRIPTOR = 0x0008  # bit 3: CRC and sizes follow the data (miniz's streaming layout)
+# Bytes per copy call: the unit of progress reports; the bytes themselves never enter Python.
+_COPY_CHUNK = 64 << 20
+
+# dtype -> typed storage class torch.save names for it (torch.storage._dtype_to_storage_type_map).
+# Quantized dtypes are left out: their tensors pickle through another rebuilder.
+_TYPED_STORAGES = {dtype: name for name, dtype in STORAGE_DTYPES.items()
+                   if name != "UntypedStorage" and not name.startswith("Q")}
+# dtypes torch.save writes as an UntypedStorage + _rebuild_tensor_v3 (torch.storage._new_dtypes).
+_UNTYPED_DTYPES = frozenset({
+    "float8_e5m2", "float8_e4m3fn", "float8_e5m2fnuz", "float8_e4m3fnuz", "float8_e8m0fnu",
+    "float4_e2m1fn_x2", "bits8", "bits16", "bits1x8", "bits2x4", "bits4x2", "complex32",
+    "uint16", "uint32", "uint64",
+})
+
+
+@dataclass(frozen=True)
+class NewTensor:
+    """A tensor a rewrite creates (a re-stepped tensor lr): dtype, shape and raw bytes.
+
+    ``data`` is the contiguous little-endian bytes of all elements; ``location`` the device tag
+    torch saves it under ("cpu", "cuda:0"), which is where torch.load puts it back. It is written
+    as torch.save writes a fresh tensor: a storage record of its own, ``requires_grad=False``,
+    no hooks. Build one from a torch tensor with :func:`new_tensor_from_torch`.
+
+    Example:
+        >>> NewTensor("float32", (), struct.pack("<f", 0.5))
+        tensor(float32[] @cpu, new)
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes = field(repr=False)
+    location: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _TYPED_STORAGES and self.dtype not in _UNTYPED_DTYPES:
+            raise ValueError(f"torch.save cannot write a plain {self.dtype} tensor")
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "data", bytes(self.data))
+        if len(self.data) != self.numel * self.itemsize:
+            raise ValueError(f"{len(self.data)} bytes for {self.numel} {self.dtype} elements")
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_ITEMSIZE[self.dtype]
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        strides, step = [], 1
+        for size in reversed(self.shape):
+            strides.append(step)
+            step *= max(size, 1)
+        return tuple(reversed(strides))
+
+    def __repr__(self) -> str:
+        dims = ", ".join(str(s) for s in self.shape)
+        return f"tensor({self.dtype}[{dims}] @{self.location}, new)"
+
+
+def new_tensor_from_torch(tensor: Any, location: str | None = None) -> NewTensor:
+    """A :class:`NewTensor` holding a copy of a torch tensor's values (imports torch).
+
+    ``location`` is the device tag to save it under; by default the tensor's own, as torch.save
+    would tag it (``torch.serialization.location_tag``), so a cuda lr loads back on cuda.
+
+    Example:
+        >>> new_tensor_from_torch(torch.tensor(0.1))           # doctest: +SKIP
+        tensor(float32[] @cpu, new)
+    """
+    import ctypes
+
+    import torch
+    from torch.serialization import location_tag
+
+    t = tensor.detach()
+    if t.layout != torch.strided or t.device.type == "meta" or t.is_quantized:
+        raise ValueError(f"only dense tensors with data can be written, not {t.layout} "
+                         f"{t.dtype} on {t.device}")
+    tag = location or location_tag(t.untyped_storage())
+    flat = t.resolve_conj().resolve_neg().to("cpu").contiguous()
+    nbytes = flat.numel() * flat.element_size()
+    raw = ctypes.string_at(flat.data_ptr(), nbytes) if nbytes else b""
+    dtype = str(t.dtype).removeprefix("torch.")
+    if sys.byteorder == "big":
+        raw = _swap_bytes(raw, dtype)
+    return NewTensor(dtype, tuple(t.shape), raw, tag)
+
+
+def _swap_bytes(raw: bytes, dtype: str) -> bytes:
+    """Little- <-> big-endian for the elements of a dtype (complex: each half on its own)."""
+    unit = DTYPE_ITEMSIZE[dtype] // (2 if dtype.startswith("complex") else 1)
+    if unit == 1:
+        return raw
+    return b"".join(raw[i:i + unit][::-1] for i in range(0, len(raw), unit))
+
+
+class _Global:
+    """A global the writer names (a rebuilder, torch.device, a storage class); never called."""
+
+    __slots__ = ("module", "name")
+
+    def __init__(self, module: str, name: str):
+        self.module = module
+        self.name = name
+
+    @classmethod
+    def dotted(cls, dotted: str) -> _Global:
+        module, _, name = dotted.rpartition(".")
+        return cls(module, name)
+
+    @classmethod
+    def storage(cls, name: str) -> _Global:
+        """A storage class by the name the reader keeps: torch.FloatStorage, ...; the untyped
+        and TypedStorage classes live in torch.storage, a dotted name is already whole."""
+        if "." in name:
+            return cls.dotted(name)
+        return cls("torch.storage" if name in ("UntypedStorage", "TypedStorage") else "torch",
+                   name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"{self.module}.{self.name} is only a name in a pickle")
+
+
+# The reader's stand-in functions name the globals they replaced (the first spelling listed
+# wins: the Python 3 one, copyreg._reconstructor rather than copy_reg._reconstructor).
+_STAND_IN_NAMES = {id(stand_in): where for where, stand_in in reversed(_SAFE_GLOBALS.items())
+                   if getattr(stand_in, "__module__", None) == __name__}
+
+
+def _global_name(value: Any) -> tuple[str, str] | None:
+    """(module, name) of a value the tree holds only as a global's name; None for real objects."""
+    if isinstance(value, _Global):
+        return value.module, value.name
+    if isinstance(value, type) and issubclass(value, Opaque) and value is not Opaque:
+        return value.global_module, value.global_name
+    if isinstance(value, DType):
+        return "torch", value.name
+    if isinstance(value, StorageType):
+        g = _Global.storage(value.name)
+        return g.module, g.name
+    return _STAND_IN_NAMES.get(id(value))
+
+
+class _PersistentId:
+    """A storage reference the pickler writes as a persistent id (a NewTensor's storage)."""
+
+    __slots__ = ("pid",)
+
+    def __init__(self, pid: tuple):
+        self.pid = pid
+
+
+class _StorageKey(str):
+    """A storage key in a persistent id: one object per storage, as torch's id_map keeps it."""
+
+    __slots__ = ()
+
+
+class _Storages:
+    """The output's storage records, keyed as the pickler first meets each storage.
+
+    Existing storages keep their keys (so an unchanged tensor is the same record in both
+    files); a NewTensor gets a key above every key of the input. With ``renumber`` every
+    storage is keyed "0", "1", ... in the order met, which is what torch.save itself does.
+    """
+
+    def __init__(self, input_keys: Any, *, legacy: bool, renumber: bool = False):
+        self.legacy = legacy
+        self.renumber = renumber
+        # (output key, input key or NewTensor), in the order the pickle names them
+        self.order: list[tuple[str, str | NewTensor]] = []
+        self._keys: dict[Any, str] = {}
+        self._tags: dict[str, str] = {}
+        numbers = [int(k) for k in input_keys if k.isdigit()]
+        self._next_fresh = max(numbers, default=-1) + 1
+
+    def _key(self, ident: Any, source: str | NewTensor) -> _StorageKey:
+        key = self._keys.get(ident)
+        if key is None:
+            if self.renumber:
+                key = _StorageKey(len(self.order))
+            elif isinstance(source, str):
+                key = _StorageKey(source)
+            else:
+                key = _StorageKey(self._next_fresh)
+                self._next_fresh += 1
+            self._keys[ident] = key
+            self.order.append((str(key), source))
+        return key
+
+    def _pid(self, storage_type: str, key: str, location: str, numel: int) -> tuple:
+        if ":" not in location:
+            # torch's location_tag returns one literal "cpu" (or "mps", "meta") for every
+            # storage, memoized once in the pickle; a "cuda:0" it builds anew each time.
+            location = self._tags.setdefault(location, location)
+        pid = ("storage", _Global.storage(storage_type), key, location, numel)
+        # Legacy ids end with the view metadata torch stopped using: always None.
+        return pid + (None,) if self.legacy else pid
+
+    def existing(self, ref: StorageRef) -> tuple:
+        """The persistent id of a storage record copied from the input."""
+        key = self._key(("in", ref.key), ref.key)
+        # An UntypedStorage's id counts bytes; the reader counts its tensor's elements.
+        numel = ref.nbytes if ref.storage_type == "UntypedStorage" else ref.numel
+        return self._pid(ref.storage_type, key, ref.location, numel)
+
+    def new_tensor(self, tensor: NewTensor) -> tuple:
+        """The (rebuilder, args) reduce of a NewTensor, exactly as torch.save writes a tensor."""
+        key = self._key(("new", id(tensor)), tensor)
+        typed = _TYPED_STORAGES.get(tensor.dtype)
+        storage = _PersistentId(self._pid(typed or "UntypedStorage", key, tensor.location,
+                                          tensor.numel if typed else len(tensor.data)))
+        args = (storage, 0, tensor.shape, tensor.stride, False, OrderedDict())
+        if typed:
+            return _Global("torch._utils", "_rebuild_tensor_v2"), args
+        return _Global("torch._utils", "_rebuild_tensor_v3"), args + (DType(tensor.dtype),)
+
+
+def _opaque_reduce(value: Opaque) -> tuple:
+    """The reduce tuple that re-creates an opaque value with the opcodes it was read with."""
+    cls = type(value)
+    tail = (value.state, iter(value.items) if value.items else None,
+            iter(value.dictitems.items()) if value.dictitems else None)
+    if value.how == "new":  # NEWOBJ (NEWOBJ_EX with keywords)
+        if value.kwargs:
+            return (copyreg.__newobj_ex__, (cls, value.args, value.kwargs)) + tail
+        return (copyreg.__newobj__, (cls,) + value.args) + tail
+    if value.how == "reconstructor":
+        # The reader keeps (base, state) only when state is not None, and then base is not
+        # object: copyreg._reduce_ex pairs state None with base object.
+        base, state = value.args or (_Global("__builtin__", "object"), None)
+        return (_Global("copy_reg", "_reconstructor"), (cls, base, state)) + tail
+    return (cls, value.args) + tail  # REDUCE
+
+
+def _is_torch_tensor(value: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, (torch.Tensor, torch.UntypedStorage,
+                                                    torch.storage.TypedStorage))
+
+
+_PLAIN_TYPES = frozenset({int, float, str, bool, type(None), tuple, list, dict, bytes})
+
+
+class _TreePickler(pickle._Pickler):
+    """Pickles a tree from the safe reader byte for byte the way torch.save's pickler wrote it.
+
+    It extends the pure-Python pickler because the C one imports every global it writes to check
+    it; here an opaque class or a torch rebuilder is written by its name, and nothing the
+    checkpoint names is imported or called. ``fix_imports`` stays on, as in torch.save: protocol
+    2 spells builtins ``__builtin__``.
+    """
+
+    def __init__(self, out: BinaryIO, storages: _Storages, protocol: int):
+        super().__init__(out, protocol=protocol)
+        self.storages = storages
+        self._global_memo: dict[tuple[str, str], int] = {}  # one memo entry per global name
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_storage_key(self, obj: _StorageKey) -> None:
+        # Its own object, memoized: a storage named twice reuses it, as torch.save's id_map
+        # does, and it is never merged with an equal string of the tree (unpickling makes all
+        # one-character strings one cached object; torch.save's keys were not).
+        super().save_str(obj)
+
+    dispatch[_StorageKey] = save_storage_key
+
+    # torch.save runs the C pickler, whose batching of exact lists and dicts differs from the
+    # pure-Python one at the edges: a last batch of one item still gets MARK ... APPENDS /
+    # SETITEMS, and a dict whose size is a multiple of the batch ends with an empty MARK SETITEMS.
+    def save_list(self, obj: list) -> None:
+        self.write(pickle.EMPTY_LIST)
+        self.memoize(obj)
+        if len(obj) == 1:
+            self.save(obj[0])
+            self.write(pickle.APPEND)
+            return
+        for start in range(0, len(obj), self._BATCHSIZE):
+            self.write(pickle.MARK)
+            for item in obj[start:start + self._BATCHSIZE]:
+                self.save(item)
+            self.write(pickle.APPENDS)
+
+    def save_dict(self, obj: dict) -> None:
+        self.write(pickle.EMPTY_DICT)
+        self.memoize(obj)
+        if len(obj) == 1:
+            for key, value in obj.items():
+                self.save(key)
+                self.save(value)
+            self.write(pickle.SETITEM)
+            return
+        items = iter(obj.items())
+        batch = [None] * self._BATCHSIZE
+        while obj and len(batch) == self._BATCHSIZE:
+            batch = list(itertools.islice(items, self._BATCHSIZE))
+            self.write(pickle.MARK)
+            for key, value in batch:
+                self.save(key)
+                self.save(value)
+            self.write(pickle.SETITEMS)
+
+    dispatch[list] = save_list
+    dispatch[dict] = save_dict
+
+    def persistent_id(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind is StorageRef:
+            return self.storages.existing(obj)
+        if kind is _PersistentId:
+            return obj.pid
+        return None
+
+    def reducer_override(self, obj: Any) -> Any:
+        kind = type(obj)
+        if kind in _PLAIN_TYPES:  # most of a tree: let the pickler's own dispatch have them
+            return NotImplemented
+        if kind is TensorRef:
+            name, args = obj.rebuild
+            if not name:
+                raise TypeError(f"{obj!r} has no rebuild recipe to write it with")
+            return _Global.dotted(name), args
+        if kind is NewTensor:
+            return self.storages.new_tensor(obj)
+        if isinstance(obj, Opaque):
+            return _opaque_reduce(obj)
+        if kind is Device:
+            return _Global("torch", "device"), obj.args
+        if _global_name(obj) is not None:
+            return "global"  # any string: save() hands the object to save_global
+        if _is_torch_tensor(obj):
+            raise TypeError("a torch tensor in the tree to write; convert it with "
+                            "new_tensor_from_torch")
+        return NotImplemented
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        where = _global_name(obj)
+        if where is None:  # a real object the caller put in the tree (OrderedDict, set, ...)
+            super().save_global(obj, name)
+            return
+        index = self._global_memo.get(where)
+        if index is not None:
+            self.write(self.get(index))
+            return
+        module, qualname = where
+        self.write(pickle.GLOBAL + module.encode("utf-8") + b"\n" + qualname.encode("utf-8")
+                   + b"\n")
+        self.memoize(obj)
+        self._global_memo[where] = self.memo[id(obj)][0]
+
+
+def _protocol_for(root: Any) -> int:
+    """2, as torch.save writes, unless the tree holds what only protocol 4 can say: a keyword
+    ``__new__`` call or a nested class name (both read from a protocol-4 pickle)."""
+    for _, value in walk(root):
+        if isinstance(value, Opaque) and value.kwargs:
+            return 4
+        cls = value if isinstance(value, type) else type(value)
+        if issubclass(cls, Opaque) and "." in getattr(cls, "global_name", ""):
+            return 4
+    return PICKLE_PROTOCOL
+
+
+def _pickle_tree(root: Any, storages: _Storages) -> bytes:
+    buf = io.BytesIO()
+    try:
+        _TreePickler(buf, storages, _protocol_for(root)).dump(root)
+    except RecursionError:
+        raise CkptToolError("the tree nests too deeply to pickle; nothing was written") from None
+    return buf.getvalue()
+
+
+# --- copying bytes ---------------------------------------------------------------------------
+
+
+class _Copier:
+    """Copies byte ranges between files in the kernel: copy_file_range, else sendfile, else a
+    chunked read/write through one reusable buffer. ``report(n)`` follows each chunk."""
+
+    _FALLBACK_ERRNOS = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
+                                  errno.ENOTSUP, errno.EPERM, errno.EBADF, errno.ENODEV})
+
+    def __init__(self, report: Any):
+        self.report = report
+        self.methods = [m for m in ("copy_file_range", "sendfile") if hasattr(os, m)]
+        self.methods.append("readwrite")
+        self._buffer: bytearray | None = None
+
+    def copy(self, src: int, dst: int, offset: int, length: int) -> None:
+        """Append ``length`` bytes of ``src`` at ``offset`` to ``dst`` (at its position)."""
+        done = 0
+        while done < length:
+            start = os.lseek(dst, 0, os.SEEK_CUR)
+            n = self._copy_some(src, dst, offset + done, min(_COPY_CHUNK, length - done))
+            if n == 0:
+                raise InputError("the input ends inside tensor data; it is truncated")
+            if hasattr(os, "posix_fadvise"):
+                # Start writing these pages to disk now (Linux starts writeback of dirty pages
+                # on DONTNEED), so the fsync that makes the output durable waits only for the
+                # last of them instead of the whole file.
+                os.posix_fadvise(dst, start, n, os.POSIX_FADV_DONTNEED)
+            done += n
+            self.report(n)
+
+    def _copy_some(self, src: int, dst: int, offset: int, count: int) -> int:
+        while True:
+            method = self.methods[0]
+            try:
+                if method == "copy_file_range":
+                    return os.copy_file_range(src, dst, count, offset)
+                if method == "sendfile":
+                    return os.sendfile(dst, src, offset, count)
+                return self._read_write(src, dst, offset, count)
+            except OSError as e:
+                # Not supported between these files (another filesystem, a pipe, an old
+                # kernel): fall back for good, unless this was the last resort.
+                if e.errno not in self._FALLBACK_ERRNOS or len(self.methods) == 1:
+                    raise
+                self.methods.pop(0)
+
+    def _read_write(self, src: int, dst: int, offset: int, count: int) -> int:
+        if self._buffer is None:
+            self._buffer = bytearray(8 << 20)
+        view = memoryview(self._buffer)[:min(count, len(self._buffer))]
+        n = os.preadv(src, [view], offset)
+        _write_all(dst, view[:n])
+        return n
+
+
+def _write_all(fd: int, data: Any) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+# --- the atomic output -----------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_output(out_path: str | os.PathLike) -> Iterator[io.FileIO]:
+    """An unbuffered file that becomes ``out_path`` only when the block completes.
+
+    The bytes go to a hidden temporary file beside the target (same folder, so the rename is
+    atomic); on success it is fsynced, renamed over ``out_path`` and the folder is fsynced. On
+    any exception, KeyboardInterrupt included, the temporary file is removed and ``out_path``
+    is untouched. A new file gets the usual permissions (0666 less the umask); a replaced file
+    keeps its mode.
+
+    Example:
+        >>> with atomic_output("out.pt") as f:                  # doctest: +SKIP
+        ...     f.write(b"...")
+    """
+    out_path = os.fspath(out_path)
+    folder = os.path.dirname(os.path.abspath(out_path))
+    # NAME_MAX is 255 bytes; a long target name is shortened, the random part kept.
+    stem = os.path.basename(out_path)[:180]
+    while True:
+        tmp = os.path.join(folder, f".{stem}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                         0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        with io.FileIO(fd, "wb", closefd=True) as f:
+            try:
+                os.chmod(fd, stat.S_IMODE(os.stat(out_path).st_mode))
+            except FileNotFoundError:
+                pass
+            yield f
+            os.fsync(fd)
+        os.replace(tmp, out_path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a rename durable (POSIX); folders cannot be opened this way on Windows."""
+    if os.name == "nt":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- write_checkpoint ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WrittenCheckpoint:
+    """What :func:`write_checkpoint` wrote: the file, and what became of each storage record."""
+
+    path: str
+    kind: str  # "torch-zip" or "torch-legacy", the input's kind
+    size: int  # bytes
+    copied: dict[str, str]  # input storage key -> its key in the output (bytes as they were)
+    created: tuple[str, ...]  # output keys of the NewTensor records
+    dropped: tuple[str, ...]  # input storage keys the new tree no longer references
+
+
+def write_checkpoint(file: TorchFile, root: Any, out_path: str | os.PathLike, *,
+                     progress: Any = None) -> WrittenCheckpoint:
+    """Write ``root`` (``file.root``, edited) as a checkpoint of the same kind as ``file``.
+
+    Tensors that come from ``file`` (TensorRef) keep their storage records, copied byte for
+    byte in the kernel; :class:`NewTensor` values get records of their own; storages no longer
+    referenced are dropped. Opaque values are written back exactly as they were read. A zip
+    is laid out as torch.save lays it out (record order, 64-byte alignment, zip64 where
+    needed); a legacy file stays legacy. The output appears atomically (:func:`atomic_output`);
+    ``file.path`` is only read. ``progress(done_bytes, total_bytes)`` follows the writing.
+
+    Raises:
+        InputError: ``file`` is damaged where bytes must be copied from it.
+        CkptToolError: the tree or the output cannot be written (then nothing is left behind).
+
+    Example:
+        >>> ckpt = read_checkpoint("fixtures/adamw_cosine.pt")   # doctest: +SKIP
+        >>> ckpt.root["optimizer"]["param_groups"][0]["lr"] = 1e-4  # doctest: +SKIP
+        >>> write_checkpoint(ckpt, ckpt.root, "out.pt").dropped  # doctest: +SKIP
+        ()
+    """
+    out_path = os.fspath(out_path)
+    if file.kind not in ("torch-zip", "torch-legacy"):
+        raise CkptToolError(f"{file.path}: only torch.save files can be rewritten, not a "
+                            f"{file.kind!r} file")
+    legacy = file.kind == "torch-legacy"
+    storages = _Storages(file.storage_spans, legacy=legacy)
+    data_pkl = _pickle_tree(root, storages)
+    if not legacy and storages.order and storages.order[0][0] != "0":
+        # torch.load(map_location="meta") asserts that the first storage the pickle names is
+        # data/0 (it computes offsets from there), so key them all as torch.save would.
+        storages = _Storages(file.storage_spans, legacy=legacy, renumber=True)
+        data_pkl = _pickle_tree(root, storages)
+    for _, source in storages.order:
+        if isinstance(source, str) and source not in file.storage_spans:
+            raise InputError(f"{file.path}: tensor storage {source!r} is missing from the file")
+    pieces = (_legacy_pieces(file, storages, data_pkl) if legacy
+              else _zip_pieces(file, storages, data_pkl, out_path))
+    total = sum(_piece_size(p) for p in pieces)
+    done = 0
+
+    def report(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    try:
+        with open(file.path, "rb") as src, atomic_output(out_path) as out:
+            copier = _Copier(report)
+            for piece in pieces:
+                if isinstance(piece, bytes):
+                    _write_all(out.fileno(), piece)
+                    report(len(piece))
+                elif isinstance(piece, _Span):
+                    copier.copy(src.fileno(), out.fileno(), piece.offset, piece.size)
+                else:
+                    piece.write(out.fileno(), report)
+    except OSError as e:
+        if e.filename == file.path:
+            raise InputError(f"{file.path}: cannot read: {e.strerror or e}") from None
+        raise CkptToolError(f"{out_path}: cannot write the checkpoint ({e.strerror or e}); "
+                            "nothing was written") from None
+    copied = {s: k for k, s in storages.order if isinstance(s, str)}
+    return WrittenCheckpoint(out_path, file.kind, total, copied,
+                             tuple(k for k, s in storages.order if not isinstance(s, str)),
+                             tuple(k for k in file.storage_spans if k not in copied))
+
+
+@dataclass(frozen=True)
+class _Span:
+    """Bytes of the input to copy as they are."""
+
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class _Inflate:
+    """A compressed record of the input zip, written stored (its CRC stays the same)."""
+
+    path: str
+    info: zipfile.ZipInfo
+
+    def write(self, dst: int, report: Any) -> None:
+        with zipfile.ZipFile(self.path) as zf, zf.open(self.info) as f:
+            while chunk := f.read(_COPY_CHUNK):  # zipfile checks the CRC at the end
+                _write_all(dst, chunk)
+                report(len(chunk))
+
+
+def _piece_size(piece: Any) -> int:
+    if isinstance(piece, bytes):
+        return len(piece)
+    return piece.size if isinstance(piece, _Span) else piece.info.file_size
+
+
+def _new_bytes(tensor: NewTensor, byteorder: str) -> bytes:
+    return tensor.data if byteorder == "little" else _swap_bytes(tensor.data, tensor.dtype)
+
+
+# --- the zip layout --------------------------------------------------------------------------
+
+
+def archive_prefix(path: str | os.PathLike) -> str:
+    """The record folder torch.save(obj, path) uses: the file name without its last extension,
+    or "archive/" where torch writes through a stream (a non-ASCII name) or the stem is empty.
+
+    Example:
+        >>> archive_prefix("runs/my.ckpt.tar"), archive_prefix("ünï.pt")
+        ('my.ckpt/', 'archive/')
+    """
+    name = os.fspath(path).replace("\\", "/").rsplit("/", 1)[-1]
+    stem = name[:name.rfind(".")] if "." in name else name
+    return f"{stem}/" if stem and stem.isascii() else "archive/"
+
+
+def _zip64_field(*values: int) -> bytes:
+    return struct.pack(f"<HH{len(values)}Q", 1, 8 * len(values), *values) if values else b""
+
+
+def _zip_entry(name: bytes, size: int, crc: int, offset: int) -> tuple[bytes, bytes, bytes]:
+    """(local header, data descriptor, central directory entry) of a stored record whose local
+    header starts at ``offset``, byte for byte as torch's miniz writer makes them.
+
+    The payload starts 64-byte aligned: an "FB" extra field pads the local header. Sizes and CRC
+    follow the data in a descriptor (16 bytes, or 24 with 64-bit sizes when the record needs
+    zip64); an empty record has none. A size or offset at or above 0xFFFFFFFF moves to a zip64
+    extra field; in the local one miniz writes the compressed size as 0 (not known yet then).
+    """
+    big_size, big_offset = size >= _ZIP64_LIMIT, offset >= _ZIP64_LIMIT
+    local64 = b""
+    if big_size or big_offset:
+        local64 = _zip64_field(*((size, 0) if big_size else ()), *((offset,) if big_offset else ()))
+    start = offset + _ZIP_LOCAL_HEADER.size + len(name) + len(local64) + 4
+    padding = -start % STORAGE_ALIGNMENT
+    extra = local64 + b"FB" + struct.pack("<H", padding) + b"Z" * padding
+    flags = _ZIP_UTF8_NAME | (_ZIP_HAS_DESCRIPTOR if size else 0)
+    local = _ZIP_LOCAL_HEADER.pack(ZIP_MAGIC, 0, flags, 0, 0, 0, 0, 0, 0, len(name),
+                                   len(extra)) + name + extra
+    descriptor = b""
+    if size:
+        descriptor = (struct.pack("<4sIQQ", b"PK\x07\x08", crc, size, size) if local64
+                      else struct.pack("<4sIII", b"PK\x07\x08", crc, size, size))
+    central64 = _zip64_field(*((size, size) if big_size else ()),
+                             *((offset,) if big_offset else ()))
+    stored_size = _U32_MAX if big_size else size
+    central = _ZIP_CENTRAL_HEADER.pack(
+        b"PK\x01\x02", 0, 0, flags, 0, 0, 0, crc, stored_size, stored_size, len(name),
+        len(central64), 0, 0, 0, 0, _U32_MAX if big_offset else offset) + name + central64
+    return local, descriptor, central
+
+
+_ZIP_CENTRAL_HEADER = struct.Struct("<4sHHHHHHIIIHHHHHII")
+
+
+def _zip_end(central: list[bytes], offset: int) -> bytes:
+    """Central directory, zip64 end record + locator (torch always writes them) and end record."""
+    directory = b"".join(central)
+    n, end64 = len(central), offset + len(directory)
+    return (directory
+            + struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 0x031E, 0x002D, 0, 0, n, n,
+                          len(directory), offset)
+            + struct.pack("<4sIQI", b"PK\x06\x07", 0, end64, 1)
+            + struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, min(n, 0xFFFF), min(n, 0xFFFF),
+                          min(len(directory), _U32_MAX), min(offset, _U32_MAX), 0))
+
+
+def _zip_pieces(file: TorchFile, storages: _Storages, data_pkl: bytes, out_path: str) -> list:
+    """The output zip as pieces: records in torch.save's order, then the central directory."""
+    try:
+        with zipfile.ZipFile(file.path) as zf:
+            infos = {info.filename: info for info in zf.infolist()}
+            prefix = file.zip_prefix or ""
+            version = next((zf.read(prefix + name) for name in ("version", ".data/version")
+                            if prefix + name in infos), ZIP_DEFAULT_VERSION)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise InputError(f"{file.path}: cannot read the zip again ({e})") from None
+    unknown = [name for name in infos if not name.endswith("/") and (  # folders hold nothing
+        not name.startswith(prefix) or name[len(prefix):] not in _ZIP_KNOWN_RECORDS
+        and not name.startswith(prefix + "data/"))]
+    if unknown:
+        raise CkptToolError(f"{file.path}: the zip holds records torch.save does not write "
+                            f"({', '.join(unknown[:3])}); ckpttool does not rewrite it")
+    # (name, size, crc, payload piece); a copied record keeps the CRC the input recorded for
+    # the very same bytes, so 4 GB are not read a second time to checksum them.
+    records: list[tuple[str, int, int, Any]] = []
+
+    def add(name: str, data: bytes) -> None:
+        records.append((name, len(data), zlib.crc32(data), data))
+
+    add("data.pkl", data_pkl)
+    add(".format_version", ZIP_FORMAT_VERSION)
+    add(".storage_alignment", str(STORAGE_ALIGNMENT).encode())
+    add("byteorder", file.byteorder.encode())
+    for key, source in storages.order:
+        if isinstance(source, NewTensor):
+            add(f"data/{key}", _new_bytes(source, file.byteorder))
+            continue
+        info = infos.get(f"{prefix}data/{source}")
+        offset, size = file.storage_spans[source]
+        if info is None or info.compress_type == zipfile.ZIP_STORED and (
+                offset < 0 or size != info.file_size or offset + size > file.size):
+            raise InputError(f"{file.path}: the record of tensor storage {source!r} is damaged")
+        piece = (_Span(offset, size) if info.compress_type == zipfile.ZIP_STORED
+                 else _Inflate(file.path, info))
+        records.append((f"data/{key}", info.file_size, info.CRC, piece))
+    add("version", version)
+    add(".data/serialization_id", _serialization_id(records))
+
+    folder = archive_prefix(out_path).encode()
+    pieces: list[Any] = []
+    central: list[bytes] = []
+    offset = 0
+    for name, size, crc, payload in records:
+        local, descriptor, entry = _zip_entry(folder + name.encode(), size, crc, offset)
+        pieces += [local, payload, descriptor] if descriptor else [local, payload]
+        central.append(entry)
+        offset += len(local) + size + len(descriptor)
+    pieces.append(_zip_end(central, offset))
+    return [p for p in pieces if not isinstance(p, bytes) or p]
+
+
+def _serialization_id(records: list[tuple[str, int, int, Any]]) -> bytes:
+    """40 digits naming the file's contents, as torch writes one: here a hash of the record
+    names, sizes and CRCs (torch.load only logs it)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, size, crc, _ in records:
+        digest.update(f"{name}\0{size}\0{crc}\0".encode())
+    high, low = struct.unpack("<QQ", digest.digest())
+    return f"{high:020d}{low:020d}".encode()
+
+
+# --- the legacy layout -----------------------------------------------------------------------
+
+
+def _legacy_pieces(file: TorchFile, storages: _Storages, data_pkl: bytes) -> list:
+    """magic, protocol and system-info pickles as the input has them, the object, the sorted
+    storage keys, then per storage an int64 element count and its bytes (little-endian, always:
+    torch's legacy writer converts on big-endian machines)."""
+    with open(file.path, "rb") as f:
+        for what in ("magic number", "protocol version", "system info"):
+            try:
+                SafeUnpickler(f, legacy=True).load()
+            except Exception:  # the unpickler raises many types on damaged data
+                raise InputError(f"{file.path}: the legacy header ({what}) is damaged") from None
+        header_size = f.tell()
+        f.seek(0)
+        header = f.read(header_size)
+    spans = _legacy_spans(file)
+    sources = dict(storages.order)
+    keys = sorted(sources)  # torch.save writes them sorted, as strings
+    pieces: list[Any] = [header, data_pkl, pickle.dumps(keys, protocol=PICKLE_PROTOCOL)]
+    for key in keys:
+        source = sources[key]
+        if isinstance(source, NewTensor):
+            count = source.numel if source.dtype in _TYPED_STORAGES else len(source.data)
+            pieces.append(struct.pack("<q", count) + source.data)
+        else:
+            pieces.append(_Span(*spans[source]))
+    return pieces
+
+
+def _legacy_spans(file: TorchFile) -> dict[str, tuple[int, int]]:
+    """Storage key -> (offset of its int64 count, bytes with the count), walking the records.
+
+    The count is in elements of the storage's type (bytes for an UntypedStorage), so the walk
+    sizes each record from the storage type its persistent id names.
+    """
+    keys = list(file.storage_spans)  # the reader keeps the file's order
+    if not keys:
+        return {}
+    types = {key: ref.storage_type for key, ref in _collect_storages(file.root).items()}
+    spans: dict[str, tuple[int, int]] = {}
+    offset = file.storage_spans[keys[0]][0] - 8
+    with open(file.path, "rb") as f:
+        for key in keys:
+            f.seek(offset)
+            head = f.read(8)
+            if len(head) < 8:
+                break
+            storage_type = types.get(key, "UntypedStorage").rpartition(".")[2]
+            itemsize = DTYPE_ITEMSIZE.get(STORAGE_DTYPES.get(storage_type, "uint8"), 1)
+            size = 8 + max(struct.unpack("<q", head)[0], 0) * itemsize
+            spans[key] = (offset, size)
+            offset += size
+    if offset > file.size or len(spans) < len(keys):
+        raise InputError(f"{file.path}: the file ends inside tensor data; it is truncated")
+    return spans

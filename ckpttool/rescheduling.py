@@ -1,0 +1,589 @@
+"""The resume-safe recompute behind ``ckpttool reschedule``.
+
+The rewritten checkpoint holds exactly what a run with the new schedule would hold at the resume
+step ("replay"): a stand-in optimizer of the stored class with the stored groups (new base lrs),
+the new scheduler constructed on it with ``last_epoch=-1``, the real torch scheduler stepped N
+times. Written back: the new scheduler ``state_dict()`` and, in each param group, every key the
+scheduler owns (lr, initial_lr, momentum/betas when cycled, max_lr, min_lr, max_momentum,
+base_momentum). Nothing else in the file changes. Learning rates never come from a closed form of
+our own (torch-scheduler-state.md sections 3-5).
+
+Example:
+    >>> import ckpttool
+    >>> plan = ckpttool.reschedule("fixtures/adamw_cosine.pt",                  # doctest: +SKIP
+    ...                            scheduler="CosineAnnealingLR(T_max=80, eta_min=1e-05)")
+    >>> plan.save("extended.pt")                                                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ckpttool import inspection
+from ckpttool.errors import CkptToolError, ReplayError, StateError
+from ckpttool.inspection import SCHEDULER_GROUP_KEYS, Checkpoint, OptimizerInfo, SchedulerReport
+from ckpttool.schedulers import SchedulerInfo, format_call, replay_steps
+from ckpttool.serialization import TensorRef, read_checkpoint
+
+RESCHEDULE_SCHEMA = "ckpttool.reschedule/1"
+PLATEAU = "ReduceLROnPlateau"
+# Classes that set the group lr from their own arguments, not from the group's base lr.
+_OWN_LR_CLASSES = ("OneCycleLR", "CyclicLR")
+# ReduceLROnPlateau arguments that can be changed in place (the rest of its state is history).
+_PLATEAU_ARGS = {"mode", "factor", "patience", "threshold", "threshold_mode", "cooldown",
+                 "min_lr", "eps"}
+DEFAULT_VERIFY_STEPS = 10
+
+
+@dataclass(frozen=True)
+class GroupChange:
+    """What the rewrite does to one param group: (old, new) per scheduler-owned key."""
+
+    index: int
+    changes: dict[str, tuple[Any, Any]]
+    removed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Rescheduled:
+    """A planned rewrite: the new tree, what changed, and how to check a resume from it.
+
+    ``save(path)`` writes it atomically and verifies the result by loading it the documented way.
+    """
+
+    source: Checkpoint
+    optimizer: str
+    scheduler: str  # location of the (new or replaced) scheduler state
+    old_call: str | None
+    new_call: str
+    semantics: str  # "replay" or "plateau-in-place"
+    steps: int
+    groups: tuple[GroupChange, ...]
+    old_state: Mapping | None
+    new_state: Mapping
+    notes: tuple[str, ...]
+    root: Any = field(repr=False)
+    # lrs (and momentum/betas) per group for the steps after the resume point, from the replay
+    expected: list = field(repr=False, default_factory=list)
+    _rebuild: Callable | None = field(repr=False, default=None)
+
+    @property
+    def changed(self) -> bool:
+        return any(g.changes or g.removed for g in self.groups) or self.old_state is None or (
+            _tree_differs(self.old_state, self.new_state))
+
+    def save(self, path: str | os.PathLike, *, force: bool = False,
+             verify_steps: int = DEFAULT_VERIFY_STEPS, progress=None) -> SaveResult:
+        """Write the rewritten checkpoint atomically to ``path`` and verify the resume.
+
+        Raises:
+            CkptToolError: ``path`` exists (without ``force``), the write failed (nothing is
+                left behind), or the written file does not resume as replayed (it is removed).
+        """
+        from ckpttool.serialization import write_checkpoint
+
+        path = os.fspath(path)
+        if os.path.exists(path) and not force:
+            raise StateError(f"{path} exists; pass --force to overwrite it, or choose another -o")
+        if os.path.abspath(path) == os.path.abspath(self.source.path) and not force:
+            raise StateError("the output is the input; use --in-place")
+        write_checkpoint(self.source.file, self.root, path, progress=progress)
+        try:
+            verdict = self.verify(path, verify_steps)
+        except BaseException:
+            os.remove(path)
+            raise
+        if verdict is not True:
+            os.remove(path)
+            raise StateError(f"the rewritten checkpoint does not resume as replayed "
+                             f"({verdict}); nothing was written")
+        return SaveResult(path, verify_steps if self.semantics == "replay" else 0)
+
+    def save_in_place(self, *, backup: bool = True, force: bool = False) -> SaveResult:
+        """Rewrite the source file itself: the new file is written and verified beside it, then
+        the source becomes ``SOURCE.bak`` (unless ``backup=False``) and the new file takes its
+        name. At every moment one complete copy of the data exists under a known name."""
+        src = self.source.path
+        bak = src + ".bak"
+        if backup and os.path.exists(bak) and not force:
+            raise StateError(f"{bak} exists; pass --force to replace that backup, or move it")
+        folder, name = os.path.split(os.path.abspath(src))
+        staged = os.path.join(folder, f".{name}.ckpttool-new")
+        result = self.save(staged, force=True)
+        try:
+            if backup:
+                os.replace(src, bak)
+            os.replace(staged, src)
+        except BaseException:
+            if os.path.exists(staged):
+                os.remove(staged)
+            raise
+        return SaveResult(src, result.verified_steps)
+
+    def verify(self, path: str, steps: int = DEFAULT_VERIFY_STEPS) -> bool | str:
+        """Load ``path`` the documented way and compare the next ``steps`` lrs with the replay."""
+        from ckpttool import schedule
+
+        return schedule.verify_resume(self, read_checkpoint(path), steps)
+
+    def to_dict(self) -> dict:
+        from ckpttool.render import jsonable
+
+        return {
+            "schema": RESCHEDULE_SCHEMA,
+            "path": self.source.path,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "semantics": self.semantics,
+            "step": self.steps,
+            "old": self.old_call,
+            "new": self.new_call,
+            "groups": [{"index": g.index,
+                        "changes": {k: {"old": jsonable(a), "new": jsonable(b)}
+                                    for k, (a, b) in g.changes.items()},
+                        "removed": list(g.removed)} for g in self.groups],
+            "notes": list(self.notes),
+            "load_order": LOAD_ORDER,
+        }
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    path: str
+    verified_steps: int
+
+
+LOAD_ORDER = ("optimizer = Opt(params, ...); scheduler = <new constructor line>(optimizer); "
+              "optimizer.load_state_dict(ckpt[...]); scheduler.load_state_dict(ckpt[...])")
+
+
+def _tree_differs(a: Any, b: Any) -> bool:
+    try:
+        return a != b
+    except Exception:  # tensors compare element-wise
+        return True
+
+
+def _choose_optimizer(ckpt: Checkpoint, location: str | None) -> OptimizerInfo:
+    if not ckpt.optimizers:
+        raise StateError(f"{ckpt.path}: no optimizer state in this checkpoint; nothing to "
+                         "reschedule")
+    if location is not None:
+        try:
+            return ckpt.optimizer(location)
+        except KeyError:
+            raise StateError(f"{ckpt.path}: no optimizer at {location!r}; optimizers: "
+                             + ", ".join(o.location for o in ckpt.optimizers)) from None
+    if len(ckpt.optimizers) > 1:
+        raise StateError(f"{ckpt.path} holds {len(ckpt.optimizers)} optimizers ("
+                         + ", ".join(o.location for o in ckpt.optimizers)
+                         + "); choose one with --optimizer LOCATION")
+    return ckpt.optimizers[0]
+
+
+def _paired_scheduler(ckpt: Checkpoint, opt: OptimizerInfo) -> SchedulerReport | None:
+    mine = [s for s in ckpt.schedulers if s.optimizer == opt.location]
+    if len(mine) > 1:
+        raise StateError(f"{ckpt.path}: several schedulers drive {opt.location} ("
+                         + ", ".join(s.location for s in mine) + "); not supported yet")
+    return mine[0] if mine else None
+
+
+def _set_at(root: Any, path: tuple, value: Any) -> Any:
+    """A copy of ``root`` with the value at ``path`` replaced, copying only the containers on the
+    way (everything else stays shared, so the writer re-emits it exactly)."""
+    if not path:
+        return value
+    key, rest = path[0], path[1:]
+    if isinstance(root, Mapping):
+        new = copy.copy(root)
+        new[key] = _set_at(root[key] if key in root else None, rest, value)
+        return new
+    if isinstance(root, list):
+        new = list(root)
+        new[key] = _set_at(root[key], rest, value)
+        return new
+    if isinstance(root, tuple):
+        items = list(root)
+        items[key] = _set_at(root[key], rest, value)
+        return tuple(items)
+    raise StateError(f"cannot rewrite inside a {type(root).__name__} at {path!r}")
+
+
+def _path_of(ckpt: Checkpoint, location: str) -> tuple:
+    from ckpttool.layout import find_states
+
+    optimizers, schedulers = find_states(ckpt.file.root)
+    for site in optimizers + schedulers:
+        if site.location == location:
+            return site.path
+    raise StateError(f"no state at {location!r}")
+
+
+def reschedule(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None,
+               sets: list[str] | tuple[str, ...] = (), lr: list[str] | tuple[str, ...] = (),
+               scale_lr: float | None = None, step: int | None = None,
+               device: str | None = None, optimizer: str | None = None,
+               momentum: float | None = None, scheduler_key: str = "scheduler",
+               progress=None) -> Rescheduled:
+    """Plan the rewrite of a checkpoint's schedule by replaying the real torch scheduler.
+
+    Args:
+        source: a checkpoint path, or a :class:`ckpttool.Checkpoint` from ``ckpttool.load``.
+        scheduler: the new schedule: a SPEC string (``"CosineAnnealingLR(T_max=2000)"``), a
+            ``FILE.py:FUNC`` / ``module:FUNC`` factory string, or a callable
+            ``f(optimizer) -> scheduler``; None keeps the stored class and arguments.
+        sets: ``NAME=VALUE`` changes to the (stored or given) schedule's arguments.
+        lr: ``["VALUE"]`` for every group or ``["GROUP=VALUE", ...]``: new base lrs.
+        scale_lr: multiply the base lrs by this factor.
+        step: the resume position (default: the stored one).
+        device: where tensor lrs are re-stepped (default: where they were saved, else cpu).
+        optimizer: the optimizer's location when the checkpoint holds several.
+        momentum: the momentum / beta1 to leave when the new schedule no longer cycles it.
+        scheduler_key: the key for a new scheduler state when the checkpoint has none.
+        progress: ``progress(done, total)`` during long replays.
+
+    Returns:
+        a :class:`Rescheduled`; nothing is written until ``.save(path)``.
+
+    Example:
+        >>> plan = reschedule("fixtures/adamw_cosine.pt", lr=["0.0005"])   # doctest: +SKIP
+        >>> plan.groups[0].changes["initial_lr"]                            # doctest: +SKIP
+        (0.001, 0.0005)
+    """
+    from ckpttool import schedule, spec
+
+    ckpt = source if isinstance(source, Checkpoint) else inspection.load(source)
+    opt = _choose_optimizer(ckpt, optimizer)
+    old = _paired_scheduler(ckpt, opt)
+    file = ckpt.file
+    groups = schedule.materialize(list(opt.state["param_groups"]), file)
+    old_state = schedule.materialize(old.state, file) if old is not None else None
+    notes: list[str] = []
+
+    # The target schedule: a SPEC, a factory, or the stored one; then --set.
+    factory: Callable | None = None
+    if scheduler is None:
+        if old is None:
+            raise StateError(f"{ckpt.path}: {opt.location} has no scheduler; give the new one "
+                             "with --scheduler SPEC")
+        target = old.info
+    elif callable(scheduler):
+        target, factory = None, scheduler
+    else:
+        parsed = spec.parse_spec(scheduler)
+        if isinstance(parsed, SchedulerInfo):
+            target = parsed
+        elif isinstance(parsed, spec.Factory):
+            target, factory = None, parsed.build
+        else:
+            raise StateError(f"{scheduler}: HuggingFace schedules (hf:...) are not supported yet")
+    if sets:
+        if target is None:
+            raise StateError("--set changes a SPEC's arguments; a factory's cannot be changed")
+        target = spec.apply_sets(target, list(sets))
+    if target is not None and target.cls == "unknown":
+        raise StateError(f"{old.location if old else 'the scheduler'}: unknown scheduler class; "
+                         "pass --scheduler SPEC or a FILE.py:FUNC factory")
+    if target is not None and target.missing and factory is None:
+        raise StateError(f"{format_call(target)}: {' '.join(target.unrecoverable)} Pass "
+                         "--scheduler my_sched.py:make (a function that takes the optimizer "
+                         "and returns the scheduler)")
+
+    # Base lrs (what the new schedule starts from), per group.
+    current = [_base_of(g) for g in groups]
+    if target is not None and target.cls in _OWN_LR_CLASSES and (lr or scale_lr is not None):
+        target = _scale_own_lr_args(target, lr, scale_lr)
+        bases = current
+    else:
+        bases = spec.parse_lr_options(list(lr), scale_lr, len(groups), current) if (
+            lr or scale_lr is not None) else current
+
+    # The resume position.
+    if step is None:
+        if old is not None:
+            step = replay_steps(old_state, old.info)
+        elif isinstance(opt.step, (int, float)) and float(opt.step).is_integer():
+            step = int(opt.step)
+            notes.append(f"no scheduler was stored: resuming at the optimizer's step {step}")
+        else:
+            raise StateError(f"{ckpt.path}: no scheduler and no optimizer step count to resume "
+                             "from; pass --step N")
+    if step < 0:
+        raise StateError(f"--step must be >= 0, not {step}")
+
+    target_cls = target.cls if target is not None else None
+    if (target_cls == PLATEAU and old is not None and old.cls == PLATEAU
+            and factory is None):
+        return _plateau_in_place(ckpt, opt, old, groups, old_state, target, lr, scale_lr,
+                                 notes)
+
+    device = _replay_device(opt, device, notes)
+    groups = [schedule.move_tensors(g, device) for g in groups] if device else groups
+    start_groups = [_with_base(g, b, device) for g, b in zip(groups, bases)]
+    rebuild = _rebuilder(opt.cls, start_groups, target, factory)
+    shown = format_call(target) if target is not None else "the factory's scheduler"
+    try:
+        stand_in, sched = rebuild()
+        if target_cls == PLATEAU:
+            notes.append("ReduceLROnPlateau cannot be replayed (it follows metric values that "
+                         f"are not stored): it starts fresh at step {step} with no metric "
+                         "history")
+            sched.last_epoch = step
+        else:
+            schedule.replay(sched, step, progress)
+    except CkptToolError:
+        raise
+    except (ArithmeticError, LookupError, RuntimeError, TypeError, ValueError) as e:
+        hint = (" (OneCycleLR's total_steps must exceed the resume step)"
+                if "total steps" in str(e) else "")
+        raise ReplayError(f"torch refused to replay {shown} to step {step}: {e}{hint}") from None
+    lr_location = next((g["lr"].device for g in opt.state["param_groups"]
+                        if isinstance(g.get("lr"), TensorRef)), None)
+    new_state = _to_tree(sched.state_dict(), lr_location)
+    cycled_before = any("max_momentum" in g for g in opt.state["param_groups"])
+    cycles_now = _cycles(target, sched)
+    overridden = cycled_before and not cycles_now and momentum is not None
+    if overridden:  # the run with the new schedule keeps this momentum from here on
+        for g in stand_in.param_groups:
+            if "betas" in g:
+                g["betas"] = (momentum, *tuple(g["betas"])[1:])
+            elif "momentum" in g:
+                g["momentum"] = momentum
+    elif cycled_before and not cycles_now:
+        key = "betas" if "betas" in groups[0] else "momentum"
+        notes.append(f"the old schedule cycled {key}; the current value "
+                     f"{_plain(groups[0].get(key))!r} stays (set it with --momentum)")
+    new_groups, changes = _rewrite_groups(opt, groups, stand_in.param_groups,
+                                          cycles_now or overridden)
+    expected = [] if target_cls == PLATEAU else _continue(sched, stand_in, DEFAULT_VERIFY_STEPS)
+
+    root = file.root
+    opt_path = _path_of(ckpt, opt.location)
+    root = _set_at(root, opt_path + ("param_groups",), new_groups)
+    if old is not None:
+        sched_path = _path_of(ckpt, old.location)
+    else:
+        parent = opt_path[:-1]
+        container = root
+        for key in parent:
+            container = container[key]
+        if not isinstance(container, Mapping):
+            raise StateError(f"cannot add a scheduler beside {opt.location}: it sits in a "
+                             f"{type(container).__name__}; use a checkpoint dict")
+        if scheduler_key in container:
+            raise StateError(f"{scheduler_key!r} already exists beside {opt.location}; choose "
+                             "another --scheduler-key")
+        sched_path = parent + (scheduler_key,)
+    root = _set_at(root, sched_path, new_state)
+    new_call = format_call(target) if target is not None else f"{type(sched).__name__} (factory)"
+    return Rescheduled(ckpt, opt.location, "/".join(str(p) for p in sched_path),
+                       old.call if old else None, new_call, "replay", step, tuple(changes),
+                       old.state if old else None, new_state, tuple(notes), root, expected,
+                       rebuild)
+
+
+def _base_of(group: Mapping) -> Any:
+    """The lr a group's schedule starts from: its initial_lr, else the stored base lr, else lr."""
+    if "initial_lr" in group:
+        return _plain(group["initial_lr"])
+    return _plain(group.get("lr"))
+
+
+def _plain(value: Any) -> Any:
+    try:
+        import torch
+
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            return value.item()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return value
+
+
+def _scale_own_lr_args(target: SchedulerInfo, lr: tuple, scale_lr: float | None) -> SchedulerInfo:
+    if lr:
+        raise StateError(f"{target.cls} sets the lr from its own arguments; change them with "
+                         "--set (e.g. --set max_lr=0.01) or scale them with --scale-lr")
+    names = ("max_lr",) if target.cls == "OneCycleLR" else ("base_lr", "max_lr")
+    args = dict(target.args)
+    for name in names:
+        value = args.get(name)
+        args[name] = ([v * scale_lr for v in value] if isinstance(value, (list, tuple))
+                      else value * scale_lr)
+    return replace(target, args=args)
+
+
+def _replay_device(opt: OptimizerInfo, device: str | None, notes: list[str]) -> str | None:
+    """Where tensor lrs are re-stepped: --device, else where they were saved, else cpu."""
+    import torch
+
+    saved = next((g["lr"].device for g in opt.state["param_groups"]
+                  if isinstance(g.get("lr"), TensorRef)), None)
+    if device is None:
+        if saved is None:
+            return None
+        device = saved
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            notes.append(f"the lr tensors were saved on {saved}, and no CUDA device is here: "
+                         "re-stepped on cpu (use --device to choose)")
+            return "cpu"
+        return device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise StateError(f"--device {device}: no CUDA device here; use --device cpu")
+    return device
+
+
+def _with_base(group: Mapping, base: Any, device: str | None) -> dict:
+    import torch
+
+    g = dict(group)
+    lr = g.get("lr")
+    if isinstance(lr, torch.Tensor):
+        target = device or str(lr.device)
+        g["lr"] = lr.to(target)
+        g["initial_lr"] = torch.tensor(base, dtype=lr.dtype, device=target) if not isinstance(
+            base, torch.Tensor) else base.to(dtype=lr.dtype, device=target)
+    else:
+        g["initial_lr"] = base
+    return g
+
+
+def _rebuilder(opt_cls: str, groups: list, target: SchedulerInfo | None,
+               factory: Callable | None) -> Callable:
+    """A function that builds (stand-in optimizer, new scheduler) afresh, the same every time."""
+    from ckpttool import schedule
+
+    def rebuild():
+        stand_in = schedule.standin_optimizer(opt_cls, groups)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sched = (factory(stand_in) if factory is not None
+                     else schedule.build_scheduler(target, stand_in))
+        return stand_in, sched
+
+    return rebuild
+
+
+def _cycles(target: SchedulerInfo | None, sched: Any) -> bool:
+    if target is not None:
+        return target.cycles_momentum
+    return bool(getattr(sched, "cycle_momentum", False))
+
+
+def _to_tree(value: Any, location: str | None = None) -> Any:
+    """A torch state value in the reader's vocabulary: tensors become NewTensor records, saved
+    as from ``location`` (the device the run's lr lived on) when given."""
+    import torch
+
+    from ckpttool.serialization import new_tensor_from_torch
+
+    if isinstance(value, torch.Tensor):
+        return new_tensor_from_torch(value, location)
+    if isinstance(value, Mapping):
+        out = {k: _to_tree(v, location) for k, v in value.items()}
+        return type(value)(out) if type(value) is not dict else out
+    if isinstance(value, list):
+        return [_to_tree(v, location) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_to_tree(v, location) for v in value)
+    return value
+
+
+def _rewrite_groups(opt: OptimizerInfo, groups: list, replayed: list,
+                    momentum_owned: bool) -> tuple[list, list[GroupChange]]:
+    """The checkpoint's param groups with every scheduler-owned key taken from the replay
+    (momentum / betas too when the new schedule cycles them or --momentum set them)."""
+    stored_groups = opt.state["param_groups"]
+    owned = ["lr", *SCHEDULER_GROUP_KEYS] + (["momentum", "betas"] if momentum_owned else [])
+    new_groups, changes = [], []
+    for i, (stored, live, new) in enumerate(zip(stored_groups, groups, replayed)):
+        g = copy.copy(stored)
+        diff: dict[str, tuple[Any, Any]] = {}
+        for key in (k for k in owned if k in new):
+            old_ref = stored.get(key)
+            location = old_ref.device if isinstance(old_ref, TensorRef) else None
+            g[key] = _to_tree(copy.deepcopy(new[key]), location)
+            old_value, new_value = _plain(live.get(key)), _plain(new[key])
+            if key not in stored or not _same_value(old_value, new_value):
+                diff[key] = (old_value if key in stored else None, new_value)
+        # Keys only the old schedule used (OneCycleLR's max_lr, CyclicLR's momenta) go.
+        removed = tuple(k for k in SCHEDULER_GROUP_KEYS if k in stored and k not in new)
+        for k in removed:
+            del g[k]
+        new_groups.append(g)
+        changes.append(GroupChange(i, diff, removed))
+    return new_groups if isinstance(stored_groups, list) else type(stored_groups)(new_groups), changes
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def _continue(sched: Any, optimizer: Any, steps: int) -> list:
+    """The next ``steps`` lrs (and momentum/betas) per group, by stepping on from the replay.
+
+    The scheduler's state was already taken; stepping it further only yields what a resumed run
+    must see next.
+    """
+    from ckpttool import schedule
+
+    out = []
+    for _ in range(steps):
+        try:
+            schedule.replay(sched, 1)
+        except Exception as e:  # e.g. OneCycleLR at its end: the resumed run raises too
+            out.append(("raises", type(e).__name__))
+            break
+        out.append(schedule.group_snapshot(optimizer))
+    return out
+
+
+def _plateau_in_place(ckpt, opt, old, groups, old_state, target, lr, scale_lr, notes):
+    """ReduceLROnPlateau: change its arguments and scale its lr in place, keeping its history."""
+    from ckpttool import spec
+
+    changed_args = {k: v for k, v in target.args.items()
+                    if k in _PLATEAU_ARGS and old.info.args.get(k) != v}
+    new_state = dict(old_state)
+    for name, value in changed_args.items():
+        if name == "min_lr":
+            new_state["min_lrs"] = (list(value) if isinstance(value, (list, tuple))
+                                    else [value] * len(groups))
+            new_state["default_min_lr"] = None if isinstance(value, (list, tuple)) else value
+        else:
+            new_state[name] = value
+    current = [_plain(g["lr"]) for g in groups]
+    new_lrs = spec.parse_lr_options(list(lr), scale_lr, len(groups), current) if (
+        lr or scale_lr is not None) else current
+    new_groups, changes = [], []
+    for i, (stored, new_lr) in enumerate(zip(opt.state["param_groups"], new_lrs)):
+        g = copy.copy(stored)
+        if not _same_value(current[i], new_lr):
+            g["lr"] = new_lr
+            changes.append(GroupChange(i, {"lr": (current[i], new_lr)}))
+        else:
+            changes.append(GroupChange(i, {}))
+        new_groups.append(g)
+    new_state["_last_lr"] = list(new_lrs)
+    new_state = _to_tree(new_state)
+    notes.append("ReduceLROnPlateau cannot be replayed (its steps follow metric values that are "
+                 "not stored): its arguments and lr were changed in place, keeping best, "
+                 "num_bad_epochs, cooldown_counter and last_epoch")
+    root = _set_at(ckpt.file.root, _path_of(ckpt, opt.location) + ("param_groups",), new_groups)
+    sched_path = _path_of(ckpt, old.location)
+    root = _set_at(root, sched_path, new_state)
+    return Rescheduled(ckpt, opt.location, old.location, old.call, format_call(target),
+                       "plateau-in-place", int(old_state.get("last_epoch", 0)), tuple(changes),
+                       old.state, new_state, tuple(notes), root, [], None)

@@ -1,0 +1,362 @@
+"""ckpttool reschedule: the resumed run is exactly the run that used the new schedule from step 0.
+
+The oracle is real torch: a training run with schedule A is checkpointed at step N with
+torch.save; ckpttool rewrites it to schedule B; a fresh optimizer and B are then loaded from the
+rewritten file in the documented order and stepped 20 times. Every lr (and momentum/betas) must be
+bit-identical to a run that used B from step 0, and every per-parameter state tensor must be
+untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import json
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from torch.optim import lr_scheduler as L
+
+import ckpttool
+from ckpttool.errors import CkptToolError, EXIT_ERROR, EXIT_OK
+from ckpttool.serialization import read_checkpoint
+from conftest import FIXTURES, ROOT
+from test_schedulers import Spec, build, specs
+
+REPLAYABLE = ["StepLR", "MultiStepLR", "ConstantLR", "LinearLR", "ExponentialLR",
+              "PolynomialLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR",
+              "OneCycleLR", "SequentialLR", "ChainedScheduler"]
+RESUMED_STEPS = 20
+CYCLERS = ("CyclicLR", "OneCycleLR")
+
+
+def spec_text(spec: Spec) -> str:
+    """The SPEC string a user would type for `spec` (floats by repr: exact)."""
+    args = [f"{k}={v!r}" for k, v in spec.kwargs.items()]
+    if spec.children:
+        args.insert(0, "schedulers=[" + ", ".join(spec_text(c) for c in spec.children) + "]")
+    return f"{spec.cls}({', '.join(args)})"
+
+
+def cycles(spec: Spec) -> bool:
+    if spec.cls in CYCLERS:
+        return spec.kwargs.get("cycle_momentum", True)
+    return any(cycles(c) for c in spec.children)
+
+
+def onecycle_total(spec: Spec) -> int | None:
+    if spec.cls == "OneCycleLR":
+        return spec.kwargs["total_steps"]
+    totals = [t for c in spec.children if (t := onecycle_total(c)) is not None]
+    return min(totals) if totals else None
+
+
+def make_opt(opt_class: str, lrs: list, lr_dtype, momentum: float, n_params: list[int]):
+    torch.manual_seed(0)
+    groups = [{"params": [torch.nn.Parameter(torch.randn(3)) for _ in range(n)],
+               "lr": torch.tensor(lr, dtype=lr_dtype) if lr_dtype else lr}
+              for n, lr in zip(n_params, lrs)]
+    cls = getattr(torch.optim, opt_class)
+    if opt_class == "SGD":
+        return cls(groups, lr=lrs[0], momentum=momentum)
+    return cls(groups, lr=lrs[0])
+
+
+def step_once(opt, sched) -> None:
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.ones_like(p)
+    opt.step()
+    sched.step()
+
+
+def snapshot(opt) -> list:
+    return [{k: copy.deepcopy(g[k]) for k in ("lr", "momentum", "betas") if k in g}
+            for g in opt.param_groups]
+
+
+def same(a: Any, b: Any) -> bool:
+    """Bit-exact equality of snapshots (floats by bytes, tensors by dtype and bytes)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                and a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8),
+                                                       b.reshape(-1).view(torch.uint8)))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return a.hex() == b.hex()
+    return type(a) is type(b) and a == b
+
+
+@st.composite
+def cases(draw):
+    n = draw(st.integers(1, 3))
+    a = draw(specs(draw(st.sampled_from(REPLAYABLE)), n))
+    b = draw(specs(draw(st.sampled_from(REPLAYABLE)), n))
+    steps = draw(st.integers(0, 120))
+    total_a = onecycle_total(a)
+    if total_a is not None:
+        steps = min(steps, total_a)
+    total_b = onecycle_total(b)
+    if total_b is not None and total_b < steps + RESUMED_STEPS:
+        b = Spec(b.cls, b.kwargs, b.children)
+        _stretch_onecycle(b, steps + RESUMED_STEPS)
+    return {
+        "opt_class": draw(st.sampled_from(["SGD", "Adam", "AdamW"])),
+        "lrs": draw(st.lists(st.floats(1e-4, 1.0), min_size=n, max_size=n)),
+        "lr_dtype": draw(st.sampled_from([None, None, torch.float32, torch.float64])),
+        "momentum": draw(st.sampled_from([0.0, 0.9])),
+        "n_params": draw(st.lists(st.integers(1, 2), min_size=n, max_size=n)),
+        "a": a, "b": b, "steps": steps,
+    }
+
+
+def _stretch_onecycle(spec: Spec, total: int) -> None:
+    if spec.cls == "OneCycleLR":
+        spec.kwargs = {**spec.kwargs, "total_steps": total}
+    for child in spec.children:
+        _stretch_onecycle(child, total)
+
+
+def _train(case: dict, spec: Spec, steps: int, lrs=None):
+    opt = make_opt(case["opt_class"], lrs or case["lrs"], case["lr_dtype"], case["momentum"],
+                   case["n_params"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sched = build(spec, opt)
+        for _ in range(steps):
+            step_once(opt, sched)
+    return opt, sched
+
+
+@settings(max_examples=int(os.environ.get("CKPTTOOL_EXAMPLES", 60)), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(case=cases())
+def test_resume_after_reschedule_is_the_run_with_the_new_schedule(tmp_path_factory, case):
+    tmp = tmp_path_factory.mktemp("r")
+    try:
+        opt_a, sched_a = _train(case, case["a"], case["steps"])
+    except (ZeroDivisionError, ValueError, OverflowError):
+        event("torch refused schedule A")
+        return  # torch refuses these arguments itself
+    src, out = tmp / "a.pt", tmp / "b.pt"
+    torch.save({"model": {"w": torch.arange(4.0)}, "optimizer": opt_a.state_dict(),
+                "scheduler": sched_a.state_dict()}, src)
+    # What B starts from: the stored initial lrs (schedule A's bases).
+    bases = [g["initial_lr"] for g in opt_a.state_dict()["param_groups"]]
+    bases = [b.item() if isinstance(b, torch.Tensor) else b for b in bases]
+    keep_momentum = cycles(case["a"]) and not cycles(case["b"])
+    try:
+        scratch_opt, scratch = _train(case, case["b"], 0, lrs=bases)
+    except (ZeroDivisionError, ValueError, OverflowError):
+        event("torch refused schedule B")
+        return
+    event(f"{case['a'].cls} -> {case['b'].cls}")
+    plan = ckpttool.reschedule(
+        src, scheduler=spec_text(case["b"]),
+        momentum=case["momentum"] if keep_momentum and case["opt_class"] == "SGD" else (
+            0.9 if keep_momentum else None))
+    plan.save(out)
+
+    # The run that used B from step 0.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(case["steps"]):
+            step_once(scratch_opt, scratch)
+    expected = [snapshot(scratch_opt)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(RESUMED_STEPS):
+            step_once(scratch_opt, scratch)
+            expected.append(snapshot(scratch_opt))
+
+    # Resume from the rewritten file, the documented way.
+    ckpt = torch.load(out, weights_only=True)
+    opt = make_opt(case["opt_class"], case["lrs"], case["lr_dtype"], case["momentum"],
+                   case["n_params"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sched = build(case["b"], opt)
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        got = [snapshot(opt)]
+        for _ in range(RESUMED_STEPS):
+            step_once(opt, sched)
+            got.append(snapshot(opt))
+    for i, (e, g) in enumerate(zip(expected, got)):
+        assert same(e, g), f"resumed step {i}: expected {e}, got {g}"
+
+    # Per-parameter state and the model are untouched, bit for bit. (Re-read: load_state_dict
+    # aliases same-dtype state tensors, which the resumed steps then update in place.)
+    before, ckpt = torch.load(src, weights_only=True), torch.load(out, weights_only=True)
+    for key, state in before["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert same(value, ckpt["optimizer"]["state"][key][name])
+    assert torch.equal(before["model"]["w"], ckpt["model"]["w"])
+
+
+def test_rescheduling_to_the_stored_schedule_changes_nothing(tmp_path):
+    src = FIXTURES / "adamw_cosine.pt"
+    plan = ckpttool.reschedule(src)
+    assert not plan.changed
+    plan.save(tmp_path / "same.pt")
+    a, b = read_checkpoint(src), read_checkpoint(tmp_path / "same.pt")
+    assert a.root == b.root
+    for key in a.storage_spans:
+        assert a.read_storage(_ref(a, key)) == b.read_storage(_ref(b, key))
+
+
+def _ref(file, key):
+    from ckpttool.serialization import walk, TensorRef
+
+    for _, value in walk(file.root):
+        if isinstance(value, TensorRef) and value.storage and value.storage.key == key:
+            return value.storage
+    raise KeyError(key)
+
+
+@pytest.mark.parametrize("fixture", ["tensor_lr.pt", "tensor_lr_f64.pt"])
+def test_tensor_lrs_keep_dtype_and_device(tmp_path, fixture):
+    out = tmp_path / "out.pt"
+    ckpttool.reschedule(FIXTURES / fixture, sets=["T_max=50"]).save(out)
+    before = torch.load(FIXTURES / fixture, weights_only=True)
+    after = torch.load(out, weights_only=True)
+    for g0, g1 in zip(before["optimizer"]["param_groups"], after["optimizer"]["param_groups"]):
+        assert isinstance(g1["lr"], torch.Tensor) and g1["lr"].dtype == g0["lr"].dtype
+        assert g1["lr"].device == g0["lr"].device and g1["initial_lr"].dtype == g0["lr"].dtype
+
+
+def test_attach_a_scheduler_to_an_optimizer_without_one(tmp_path):
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], lr=0.01)
+    for _ in range(5):
+        opt.param_groups[0]["params"][0].grad = torch.ones(2)
+        opt.step()
+    src, out = tmp_path / "bare.pt", tmp_path / "sched.pt"
+    torch.save({"optimizer": opt.state_dict()}, src)
+    plan = ckpttool.reschedule(src, scheduler="CosineAnnealingLR(T_max=10)")
+    assert plan.steps == 5 and plan.scheduler == "scheduler"
+    plan.save(out)
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["scheduler"]["last_epoch"] == 5
+
+
+def test_reduce_lr_on_plateau_is_changed_in_place(tmp_path):
+    src = FIXTURES / "schedulers/ReduceLROnPlateau.pt"
+    before = torch.load(src, weights_only=True)
+    plan = ckpttool.reschedule(src, scale_lr=0.5, sets=["patience=7"])
+    assert plan.semantics == "plateau-in-place" and plan.notes
+    plan.save(tmp_path / "out.pt")
+    after = torch.load(tmp_path / "out.pt", weights_only=True)
+    for key in ("best", "num_bad_epochs", "cooldown_counter", "last_epoch"):
+        assert after["scheduler"][key] == before["scheduler"][key]
+    assert after["scheduler"]["patience"] == 7
+    assert [g["lr"] for g in after["optimizer"]["param_groups"]] == [
+        g["lr"] * 0.5 for g in before["optimizer"]["param_groups"]]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"scheduler": "CosineLR(T_max=3)"}, "unknown scheduler class"),
+    ({"scheduler": "CosineAnnealingLR(T_max=3, warmup=2)"}, "warmup"),
+    ({"scheduler": "OneCycleLR(max_lr=0.1, total_steps=5)"}, "total"),
+    ({"scheduler": "__import__('os').system('true')"}, "refused"),
+    ({"lr": ["0.1"], "scale_lr": 0.5}, "scale"),
+    ({"device": "cuda"}, "CUDA"),
+    ({"optimizer": "nope"}, "no optimizer at"),
+])
+def test_refusals(kwargs, message):
+    if kwargs.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(CkptToolError, match=message):
+        ckpttool.reschedule(FIXTURES / "adamw_cosine.pt", **kwargs)
+
+
+def test_lambda_not_stored_says_what_to_pass():
+    with pytest.raises(CkptToolError, match="my_sched.py:make"):
+        ckpttool.reschedule(FIXTURES / "schedulers/LambdaLR.pt", sets=[])
+
+
+def test_lambda_from_a_factory(tmp_path):
+    factory = tmp_path / "my_sched.py"
+    factory.write_text("import torch\n"
+                       "def make(optimizer):\n"
+                       "    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.9 ** e)\n")
+    plan = ckpttool.reschedule(FIXTURES / "schedulers/LambdaLR.pt",
+                               scheduler=f"{factory}:make")
+    plan.save(tmp_path / "out.pt")
+
+
+def test_several_optimizers_need_a_choice():
+    with pytest.raises(CkptToolError, match="--optimizer"):
+        ckpttool.reschedule(FIXTURES / "layouts/gan.pt", scale_lr=0.5)
+    plan = ckpttool.reschedule(FIXTURES / "layouts/gan.pt", optimizer="opt_d", scale_lr=0.5)
+    assert plan.scheduler == "sched_d"
+
+
+def test_output_exists_needs_force_and_input_is_untouched(tmp_path):
+    src = tmp_path / "in.pt"
+    src.write_bytes((FIXTURES / "adamw_cosine.pt").read_bytes())
+    out = tmp_path / "out.pt"
+    out.write_bytes(b"keep me")
+    plan = ckpttool.reschedule(src, sets=["T_max=80"])
+    with pytest.raises(CkptToolError, match="--force"):
+        plan.save(out)
+    assert out.read_bytes() == b"keep me"
+    plan.save(out, force=True)
+    assert src.read_bytes() == (FIXTURES / "adamw_cosine.pt").read_bytes()
+
+
+def test_in_place_keeps_a_backup(tmp_path):
+    src = tmp_path / "in.pt"
+    original = (FIXTURES / "adamw_cosine.pt").read_bytes()
+    src.write_bytes(original)
+    ckpttool.reschedule(src, sets=["T_max=80"]).save_in_place()
+    assert (tmp_path / "in.pt.bak").read_bytes() == original
+    assert torch.load(src, weights_only=True)["scheduler"]["T_max"] == 80
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pt", "in.pt.bak"]
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+
+
+def test_cli_reschedule_writes_verifies_and_says_what_to_do(run_cli, tmp_path):
+    out = tmp_path / "out.pt"
+    result = run_cli("reschedule", FIXTURES / "adamw_cosine.pt", "-o", out, "--set", "T_max=80")
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert "verified" in result.stdout and "T_max=80" in result.stdout
+    assert "CosineAnnealingLR(optimizer, T_max=80" in result.stdout
+
+
+def test_cli_dry_run_writes_nothing(run_cli, tmp_path):
+    result = run_cli("reschedule", FIXTURES / "adamw_cosine.pt", "--dry-run", "--lr", "0.0005")
+    assert result.exit_code == EXIT_OK and "dry run" in result.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_json_schema(run_cli, tmp_path):
+    result = run_cli("reschedule", FIXTURES / "adamw_cosine.pt", "-o", tmp_path / "o.pt",
+                     "--lr", "1=0.002", "--json")
+    doc = json.loads(result.stdout)
+    assert doc["schema"] == "ckpttool.reschedule/1"
+    assert set(doc) >= {"path", "output", "optimizer", "scheduler", "semantics", "step", "old",
+                        "new", "groups", "notes", "verified_steps"}
+    assert doc["groups"][1]["changes"]["initial_lr"] == {"old": 0.001, "new": 0.002}
+    assert doc["groups"][0]["changes"] == {}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["reschedule", "fixtures/adamw_cosine.pt"], "exactly one of"),
+    (["reschedule", "fixtures/adamw_cosine.pt", "-o", "x.pt", "--in-place"], "exactly one of"),
+    (["reschedule", "fixtures/bad/truncated.pt", "--dry-run"], "truncated"),
+    (["reschedule", "fixtures/schedulers/LambdaLR.pt", "--dry-run"], "my_sched.py:make"),
+])
+def test_cli_refusals_are_one_line(run_cli, monkeypatch, args, message):
+    monkeypatch.chdir(ROOT)
+    result = run_cli(*args)
+    assert result.exit_code == EXIT_ERROR
+    assert len(result.stderr.splitlines()) == 1 and message in result.stderr
