@@ -250,15 +250,39 @@ def reschedule_dict(plan: Any, saved: Any = None) -> dict:
     return doc
 
 
+def _python_call(info: Any) -> str:
+    """The constructor as Python source (``lr_scheduler`` being ``torch.optim.lr_scheduler``),
+    with the optimizer passed where torch wants it."""
+    from dataclasses import replace
+
+    from ckpttool.schedulers import format_call
+
+    if info is None:
+        return "your_factory(optimizer)"
+    args = format_call(replace(info, children=()))[len(info.cls) + 1:-1]
+    args = args.replace("schedulers=[], ", "").replace("schedulers=[]", "")
+    if info.cls == "ChainedScheduler":
+        subs = ", ".join(_python_call(c) for c in info.children)
+        return f"lr_scheduler.ChainedScheduler([{subs}], optimizer=optimizer)"
+    if info.children:
+        subs = ", ".join(_python_call(c) for c in info.children)
+        args = f"schedulers=[{subs}]" + (f", {args}" if args else "")
+    return f"lr_scheduler.{info.cls}(optimizer{', ' + args if args else ''})"
+
+
+def _subscript(path: tuple) -> str:
+    return "ckpt" + "".join(f"[{p!r}]" for p in path)
+
+
 def reschedule_text(plan: Any, saved: Any = None) -> str:
     """The human report of a reschedule: per group old -> new, the scheduler, what to do next."""
-    target = saved.path if saved is not None else "(dry run: nothing written)"
     how = (f"replayed {plan.steps} steps" if plan.semantics == "replay"
            else "changed in place, not replayed")
-    lines = [f"{plan.source.path} -> {target}  ({how})", ""]
+    where = f"-> {saved.path}" if saved is not None else "(dry run: nothing written)"
+    lines = [f"{plan.source.path} {where}  ({how})", ""]
     keys: list[str] = []
     for g in plan.groups:
-        keys += [k for k in list(g.changes) if k not in keys]
+        keys += [k for k in g.changes if k not in keys]
     if keys:
         rows = [["group", *keys]]
         for g in plan.groups:
@@ -267,23 +291,23 @@ def reschedule_text(plan: Any, saved: Any = None) -> str:
                 else "unchanged" for k in keys])
         lines.append(f"[{plan.optimizer}]")
         lines += _table(rows)
-        removed = sorted({k for g in plan.groups for k in g.removed})
-        if removed:
-            lines.append(f"  removed from the groups: {', '.join(removed)}")
     else:
         lines.append(f"[{plan.optimizer}] param groups unchanged")
+    removed = sorted({k for g in plan.groups for k in g.removed})
+    if removed:
+        lines.append(f"  removed from the groups: {', '.join(removed)}")
     lines += ["", f"[{plan.scheduler}] {plan.old_call or '(none)'}", f"  -> {plan.new_call}"]
-    for note in plan.notes:
-        lines.append(f"note: {note}")
-    lines.append("")
-    if saved is not None and saved.verified_steps:
-        lines.append(f"verified: a fresh optimizer and scheduler loaded from {saved.path} follow "
-                     f"the replay bit for bit for the next {saved.verified_steps} steps")
-    elif saved is not None:
-        lines.append(f"verified: {saved.path} reads back as planned")
-    lines += ["", "In the training script, build the scheduler as:",
-              f"  scheduler = torch.optim.lr_scheduler.{plan.new_call.replace('(', '(optimizer, ', 1) if '()' not in plan.new_call else plan.new_call.replace('()', '(optimizer)')}",
-              "and resume in this order:",
-              "  optimizer = <as before>; scheduler = <the line above>;",
-              "  optimizer.load_state_dict(...); scheduler.load_state_dict(...)"]
+    lines += [f"note: {note}" for note in plan.notes]
+    if saved is not None:
+        lines.append("")
+        lines.append(
+            f"verified: a fresh optimizer and scheduler loaded from {saved.path} follow the "
+            f"replay bit for bit for the next {saved.verified_steps} steps"
+            if saved.verified_steps else f"verified: {saved.path} reads back as planned")
+    lines += ["", "Resume with the new schedule in this order:",
+              "  from torch.optim import lr_scheduler",
+              "  optimizer = ...  # as before",
+              f"  scheduler = {_python_call(plan.info)}",
+              f"  optimizer.load_state_dict({_subscript(plan.optimizer_path)})",
+              f"  scheduler.load_state_dict({_subscript(plan.scheduler_path)})"]
     return "\n".join(lines) + "\n"

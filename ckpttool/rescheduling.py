@@ -69,6 +69,9 @@ class Rescheduled:
     new_state: Mapping
     notes: tuple[str, ...]
     root: Any = field(repr=False)
+    info: SchedulerInfo | None = field(repr=False, default=None)  # None for a factory
+    optimizer_path: tuple = ()
+    scheduler_path: tuple = ()
     # lrs (and momentum/betas) per group for the steps after the resume point, from the replay
     expected: list = field(repr=False, default_factory=list)
     _rebuild: Callable | None = field(repr=False, default=None)
@@ -385,8 +388,8 @@ def reschedule(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None,
     new_call = format_call(target) if target is not None else f"{type(sched).__name__} (factory)"
     return Rescheduled(ckpt, opt.location, "/".join(str(p) for p in sched_path),
                        old.call if old else None, new_call, "replay", step, tuple(changes),
-                       old.state if old else None, new_state, tuple(notes), root, expected,
-                       rebuild)
+                       old.state if old else None, new_state, tuple(notes), root, target,
+                       opt_path, sched_path, expected, rebuild)
 
 
 def _base_of(group: Mapping) -> Any:
@@ -586,4 +589,5 @@ def _plateau_in_place(ckpt, opt, old, groups, old_state, target, lr, scale_lr, n
     root = _set_at(root, sched_path, new_state)
     return Rescheduled(ckpt, opt.location, old.location, old.call, format_call(target),
                        "plateau-in-place", int(old_state.get("last_epoch", 0)), tuple(changes),
-                       old.state, new_state, tuple(notes), root, [], None)
+                       old.state, new_state, tuple(notes), root, target,
+                       _path_of(ckpt, opt.location), sched_path, [], None)

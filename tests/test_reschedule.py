@@ -360,3 +360,94 @@ def test_cli_refusals_are_one_line(run_cli, monkeypatch, args, message):
     result = run_cli(*args)
     assert result.exit_code == EXIT_ERROR
     assert len(result.stderr.splitlines()) == 1 and message in result.stderr
+
+
+@pytest.mark.parametrize("spec", [
+    "CosineAnnealingLR(T_max=30, eta_min=1e-05)",
+    "SequentialLR(schedulers=[MultiStepLR(milestones=[2, 3]), CosineAnnealingLR(T_max=30)], "
+    "milestones=[5])",
+    "ChainedScheduler(schedulers=[ConstantLR(factor=0.5, total_iters=3), ExponentialLR(gamma=0.9)])",
+])
+def test_printed_constructor_line_builds_the_new_schedule(run_cli, spec):
+    result = run_cli("reschedule", FIXTURES / "adamw_cosine.pt", "--dry-run", "--scheduler", spec)
+    line = next(l for l in result.stdout.splitlines() if l.strip().startswith("scheduler = "))
+    optimizer = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.ones(1))]},
+                                   {"params": [torch.nn.Parameter(torch.ones(1))]}], lr=0.001)
+    namespace = {"lr_scheduler": L, "optimizer": optimizer}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(line.strip(), namespace)
+    assert type(namespace["scheduler"]).__name__ == spec.split("(")[0]
+
+
+def test_switching_from_and_to_reduce_lr_on_plateau(tmp_path):
+    src = FIXTURES / "schedulers/ReduceLROnPlateau.pt"
+    plan = ckpttool.reschedule(src, scheduler="CosineAnnealingLR(T_max=40)")
+    assert plan.semantics == "replay" and plan.steps == torch.load(
+        src, weights_only=True)["scheduler"]["last_epoch"]
+    plan.save(tmp_path / "cos.pt")
+    plan = ckpttool.reschedule(FIXTURES / "adamw_cosine.pt",
+                               scheduler="ReduceLROnPlateau(patience=3)")
+    assert any("ReduceLROnPlateau cannot be replayed" in n for n in plan.notes)
+    plan.save(tmp_path / "rop.pt")
+    state = torch.load(tmp_path / "rop.pt", weights_only=True)["scheduler"]
+    assert state["patience"] == 3 and state["last_epoch"] == 16
+
+
+def _cuda_lr_checkpoint(tmp_path):
+    """tensor_lr.pt with its lr tensors recorded as saved from cuda:0 (made on a CPU machine)."""
+    from ckpttool.serialization import NewTensor, TensorRef, write_checkpoint
+
+    file = read_checkpoint(FIXTURES / "tensor_lr.pt")
+    root = copy.copy(file.root)
+    opt = dict(root["optimizer"])
+    groups = []
+    for g in opt["param_groups"]:
+        g = dict(g)
+        for key in ("lr", "initial_lr"):
+            ref = g[key]
+            assert isinstance(ref, TensorRef)
+            g[key] = NewTensor(ref.dtype, ref.shape, file.tensor_bytes(ref), "cuda:0")
+        groups.append(g)
+    opt["param_groups"] = groups
+    root["optimizer"] = opt
+    path = tmp_path / "cuda_lr.pt"
+    write_checkpoint(file, root, path)
+    return path
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the no-GPU fallback")
+def test_cuda_lrs_without_a_gpu_are_restepped_on_cpu_and_written_back_to_cuda(tmp_path):
+    src = _cuda_lr_checkpoint(tmp_path)
+    plan = ckpttool.reschedule(src, sets=["T_max=50"])
+    assert any("no CUDA device" in n for n in plan.notes)
+    plan.save(tmp_path / "out.pt")
+    out = read_checkpoint(tmp_path / "out.pt")
+    lr = out.root["optimizer"]["param_groups"][0]["lr"]
+    assert lr.device == "cuda:0" and lr.dtype == "float32"
+    loaded = torch.load(tmp_path / "out.pt", weights_only=True, map_location="cpu")
+    assert loaded["optimizer"]["param_groups"][0]["lr"].dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_tensor_lrs_are_restepped_on_the_gpu(tmp_path):
+    params = [torch.nn.Parameter(torch.ones(2, device="cuda"))]
+    opt = torch.optim.Adam(params, lr=torch.tensor(0.01, device="cuda"), foreach=False)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20)
+    for _ in range(7):
+        params[0].grad = torch.ones_like(params[0])
+        opt.step()
+        sched.step()
+    src, out = tmp_path / "gpu.pt", tmp_path / "out.pt"
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, src)
+    ckpttool.reschedule(src, sets=["T_max=40"], device="cuda").save(out)
+    # The oracle: the same run with T_max=40 from step 0, on the GPU.
+    p2 = [torch.nn.Parameter(torch.ones(2, device="cuda"))]
+    o2 = torch.optim.Adam(p2, lr=torch.tensor(0.01, device="cuda"), foreach=False)
+    s2 = torch.optim.lr_scheduler.CosineAnnealingLR(o2, T_max=40)
+    for _ in range(7):
+        o2.step()
+        s2.step()
+    written = torch.load(out, weights_only=True)["optimizer"]["param_groups"][0]["lr"]
+    assert written.device.type == "cuda"
+    assert torch.equal(written.view(torch.int32), o2.param_groups[0]["lr"].view(torch.int32))
