@@ -1018,6 +1018,7 @@ class _Storages:
         self.order: list[tuple[str, str | NewTensor]] = []
         self._keys: dict[Any, str] = {}
         self._tags: dict[str, str] = {}
+        self.needed: dict[str, int] = {}  # input key -> bytes its tensors need
         numbers = [int(k) for k in input_keys if k.isdigit()]
         self._next_fresh = max(numbers, default=-1) + 1
 
@@ -1047,14 +1048,18 @@ class _Storages:
     def existing(self, ref: StorageRef) -> tuple:
         """The persistent id of a storage record copied from the input."""
         key = self._key(("in", ref.key), ref.key)
+        self.needed[ref.key] = max(self.needed.get(ref.key, 0), ref.nbytes)
         # An UntypedStorage's id counts bytes; the reader counts its tensor's elements.
         numel = ref.nbytes if ref.storage_type == "UntypedStorage" else ref.numel
         return self._pid(ref.storage_type, key, ref.location, numel)
 
     def new_tensor(self, tensor: NewTensor) -> tuple:
         """The (rebuilder, args) reduce of a NewTensor, exactly as torch.save writes a tensor."""
-        key = self._key(("new", id(tensor)), tensor)
         typed = _TYPED_STORAGES.get(tensor.dtype)
+        if self.legacy and not typed:
+            raise CkptToolError(f"a legacy (non-zip) checkpoint cannot hold a {tensor.dtype} "
+                                "tensor: torch's legacy format has no storage type for it")
+        key = self._key(("new", id(tensor)), tensor)
         storage = _PersistentId(self._pid(typed or "UntypedStorage", key, tensor.location,
                                           tensor.numel if typed else len(tensor.data)))
         args = (storage, 0, tensor.shape, tensor.stride, False, OrderedDict())
@@ -1233,6 +1238,7 @@ class _Copier:
         self.methods = [m for m in ("copy_file_range", "sendfile") if hasattr(os, m)]
         self.methods.append("readwrite")
         self._buffer: bytearray | None = None
+        self._sources: dict[int, io.FileIO] = {}
 
     def copy(self, src: int, dst: int, offset: int, length: int) -> None:
         """Append ``length`` bytes of ``src`` at ``offset`` to ``dst`` (at its position)."""
@@ -1269,8 +1275,10 @@ class _Copier:
     def _read_write(self, src: int, dst: int, offset: int, count: int) -> int:
         if self._buffer is None:
             self._buffer = bytearray(8 << 20)
+        source = self._sources.setdefault(src, io.FileIO(src, "rb", closefd=False))
+        source.seek(offset)
         view = memoryview(self._buffer)[:min(count, len(self._buffer))]
-        n = os.preadv(src, [view], offset)
+        n = source.readinto(view) or 0
         _write_all(dst, view[:n])
         return n
 
@@ -1362,8 +1370,9 @@ def write_checkpoint(file: TorchFile, root: Any, out_path: str | os.PathLike, *,
     byte in the kernel; :class:`NewTensor` values get records of their own; storages no longer
     referenced are dropped. Opaque values are written back exactly as they were read. A zip
     is laid out as torch.save lays it out (record order, 64-byte alignment, zip64 where
-    needed); a legacy file stays legacy. The output appears atomically (:func:`atomic_output`);
-    ``file.path`` is only read. ``progress(done_bytes, total_bytes)`` follows the writing.
+    needed), under the input's folder name; a legacy file stays legacy. The output appears
+    atomically (:func:`atomic_output`); ``file.path`` is only read.
+    ``progress(done_bytes, total_bytes)`` follows the writing.
 
     Raises:
         InputError: ``file`` is damaged where bytes must be copied from it.
@@ -1387,11 +1396,13 @@ def write_checkpoint(file: TorchFile, root: Any, out_path: str | os.PathLike, *,
         # data/0 (it computes offsets from there), so key them all as torch.save would.
         storages = _Storages(file.storage_spans, legacy=legacy, renumber=True)
         data_pkl = _pickle_tree(root, storages)
-    for _, source in storages.order:
-        if isinstance(source, str) and source not in file.storage_spans:
-            raise InputError(f"{file.path}: tensor storage {source!r} is missing from the file")
+    for key, needed in storages.needed.items():
+        if key not in file.storage_spans or file.storage_spans[key][1] < needed:
+            # a damaged file, or a tensor of another file's tree: bytes would be wrong
+            raise InputError(f"{file.path}: tensor storage {key!r} is missing from the file "
+                             "or shorter than its tensors")
     pieces = (_legacy_pieces(file, storages, data_pkl) if legacy
-              else _zip_pieces(file, storages, data_pkl, out_path))
+              else _zip_pieces(file, storages, data_pkl))
     total = sum(_piece_size(p) for p in pieces)
     done = 0
 
@@ -1458,19 +1469,6 @@ def _new_bytes(tensor: NewTensor, byteorder: str) -> bytes:
 # --- the zip layout --------------------------------------------------------------------------
 
 
-def archive_prefix(path: str | os.PathLike) -> str:
-    """The record folder torch.save(obj, path) uses: the file name without its last extension,
-    or "archive/" where torch writes through a stream (a non-ASCII name) or the stem is empty.
-
-    Example:
-        >>> archive_prefix("runs/my.ckpt.tar"), archive_prefix("ünï.pt")
-        ('my.ckpt/', 'archive/')
-    """
-    name = os.fspath(path).replace("\\", "/").rsplit("/", 1)[-1]
-    stem = name[:name.rfind(".")] if "." in name else name
-    return f"{stem}/" if stem and stem.isascii() else "archive/"
-
-
 def _zip64_field(*values: int) -> bytes:
     return struct.pack(f"<HH{len(values)}Q", 1, 8 * len(values), *values) if values else b""
 
@@ -1522,8 +1520,14 @@ def _zip_end(central: list[bytes], offset: int) -> bytes:
                           min(len(directory), _U32_MAX), min(offset, _U32_MAX), 0))
 
 
-def _zip_pieces(file: TorchFile, storages: _Storages, data_pkl: bytes, out_path: str) -> list:
-    """The output zip as pieces: records in torch.save's order, then the central directory."""
+def _zip_pieces(file: TorchFile, storages: _Storages, data_pkl: bytes) -> list:
+    """The output zip as pieces: records in torch.save's order, then the central directory.
+
+    The records keep the input's folder name. (torch.save would name it after the output file;
+    torch.load takes any.) So record names stay as they were, and when the pickle keeps its
+    length every payload keeps its offset: the kernel copies page onto page, markedly faster
+    than onto a shifted page phase, which a renamed folder would cause.
+    """
     try:
         with zipfile.ZipFile(file.path) as zf:
             infos = {info.filename: info for info in zf.infolist()}
@@ -1564,7 +1568,7 @@ def _zip_pieces(file: TorchFile, storages: _Storages, data_pkl: bytes, out_path:
     add("version", version)
     add(".data/serialization_id", _serialization_id(records))
 
-    folder = archive_prefix(out_path).encode()
+    folder = prefix.encode() or b"archive/"
     pieces: list[Any] = []
     central: list[bytes] = []
     offset = 0
@@ -1594,16 +1598,33 @@ def _legacy_pieces(file: TorchFile, storages: _Storages, data_pkl: bytes) -> lis
     """magic, protocol and system-info pickles as the input has them, the object, the sorted
     storage keys, then per storage an int64 element count and its bytes (little-endian, always:
     torch's legacy writer converts on big-endian machines)."""
+    spans: dict[str, tuple[int, int]] = {}
     with open(file.path, "rb") as f:
-        for what in ("magic number", "protocol version", "system info"):
+
+        def load(what: str) -> Any:
             try:
-                SafeUnpickler(f, legacy=True).load()
+                return SafeUnpickler(f, legacy=True).load()
             except Exception:  # the unpickler raises many types on damaged data
-                raise InputError(f"{file.path}: the legacy header ({what}) is damaged") from None
+                raise InputError(f"{file.path}: the legacy file's {what} is damaged") from None
+
+        for what in ("magic number", "protocol version", "system info"):
+            load(what)
         header_size = f.tell()
+        # The records are sized by the storage types the file's own pickle names: the tree
+        # passed in may have been edited, and may no longer name a storage it drops.
+        types = {key: ref.storage_type for key, ref in _collect_storages(load("object")).items()}
+        in_keys = load("storage list")
+        offset = f.tell()
+        for key in map(str, in_keys if isinstance(in_keys, list) else ()):
+            f.seek(offset)
+            head = f.read(8)
+            storage_type = types.get(key, "UntypedStorage").rpartition(".")[2]
+            itemsize = DTYPE_ITEMSIZE.get(STORAGE_DTYPES.get(storage_type, "uint8"), 1)
+            size = 8 + max(struct.unpack("<q", head)[0], 0) * itemsize if len(head) == 8 else 0
+            spans[key] = (offset, size)
+            offset += size
         f.seek(0)
         header = f.read(header_size)
-    spans = _legacy_spans(file)
     sources = dict(storages.order)
     keys = sorted(sources)  # torch.save writes them sorted, as strings
     pieces: list[Any] = [header, data_pkl, pickle.dumps(keys, protocol=PICKLE_PROTOCOL)]
@@ -1612,34 +1633,8 @@ def _legacy_pieces(file: TorchFile, storages: _Storages, data_pkl: bytes) -> lis
         if isinstance(source, NewTensor):
             count = source.numel if source.dtype in _TYPED_STORAGES else len(source.data)
             pieces.append(struct.pack("<q", count) + source.data)
-        else:
+        elif spans.get(source, (0, 0))[1] and spans[source][0] + spans[source][1] <= file.size:
             pieces.append(_Span(*spans[source]))
+        else:
+            raise InputError(f"{file.path}: the file ends inside tensor data; it is truncated")
     return pieces
-
-
-def _legacy_spans(file: TorchFile) -> dict[str, tuple[int, int]]:
-    """Storage key -> (offset of its int64 count, bytes with the count), walking the records.
-
-    The count is in elements of the storage's type (bytes for an UntypedStorage), so the walk
-    sizes each record from the storage type its persistent id names.
-    """
-    keys = list(file.storage_spans)  # the reader keeps the file's order
-    if not keys:
-        return {}
-    types = {key: ref.storage_type for key, ref in _collect_storages(file.root).items()}
-    spans: dict[str, tuple[int, int]] = {}
-    offset = file.storage_spans[keys[0]][0] - 8
-    with open(file.path, "rb") as f:
-        for key in keys:
-            f.seek(offset)
-            head = f.read(8)
-            if len(head) < 8:
-                break
-            storage_type = types.get(key, "UntypedStorage").rpartition(".")[2]
-            itemsize = DTYPE_ITEMSIZE.get(STORAGE_DTYPES.get(storage_type, "uint8"), 1)
-            size = 8 + max(struct.unpack("<q", head)[0], 0) * itemsize
-            spans[key] = (offset, size)
-            offset += size
-    if offset > file.size or len(spans) < len(keys):
-        raise InputError(f"{file.path}: the file ends inside tensor data; it is truncated")
-    return spans

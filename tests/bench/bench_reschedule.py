@@ -1,0 +1,38 @@
+"""Benchmark: `ckpttool reschedule` of a ~4 GB checkpoint vs `cp` of the same file.
+
+    python tests/bench/bench_reschedule.py [--gb 4] [--repeats 3]
+
+Target (PRODUCT.md section 6): at most 1.2x cp's wall time, peak RSS under 1 GB. The
+reschedule includes everything the command does: reading, the replay, writing (tensor bytes
+copied, never unpickled) and the verification of the written file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from common import DATA, PY, compare, make_checkpoint, report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--gb", type=float, default=4.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    path = make_checkpoint(DATA / f"big_{args.gb:g}gb.pt", args.gb)
+    ours_out, cp_out = DATA / "rescheduled.pt", DATA / "copied.pt"
+    ours = [PY, "-m", "ckpttool", "reschedule", str(path), "-o", str(ours_out), "--force",
+            "--quiet", "--set", "T_max=20000"]
+    cp = ["cp", str(path), str(cp_out)]
+    try:
+        result = compare(ours, cp, args.repeats)
+    finally:
+        for p in (ours_out, cp_out):
+            if p.exists():
+                os.remove(p)
+    report("reschedule", result, target=1.2)
+
+
+if __name__ == "__main__":
+    main()
