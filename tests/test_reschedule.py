@@ -451,3 +451,73 @@ def test_cuda_tensor_lrs_are_restepped_on_the_gpu(tmp_path):
     written = torch.load(out, weights_only=True)["optimizer"]["param_groups"][0]["lr"]
     assert written.device.type == "cuda"
     assert torch.equal(written.view(torch.int32), o2.param_groups[0]["lr"].view(torch.int32))
+
+
+# --- what the rewrite touches, and what it never touches ----------------------------------------
+
+OWNED = {"lr", "initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum", "momentum",
+         "betas"}
+
+
+@pytest.mark.parametrize("fixture", ["adamw_cosine.pt", "opaque.pt", "legacy.pt",
+                                     "layouts/lightning.ckpt", "layouts/gan.pt"])
+def test_everything_outside_the_groups_and_scheduler_is_unchanged(tmp_path, fixture):
+    from ckpttool.serialization import TensorRef, walk
+
+    src = FIXTURES / fixture
+    opt = "opt_g" if fixture == "layouts/gan.pt" else None
+    plan = ckpttool.reschedule(src, scale_lr=0.5, optimizer=opt)
+    plan.save(tmp_path / "out")
+    a, b = read_checkpoint(src), read_checkpoint(tmp_path / "out")
+
+    def outside(file):
+        """Every (path, value) leaf except those under the rewritten groups' owned keys and
+        the scheduler state."""
+        out = {}
+        for path, value in walk(file.root):
+            if path[:len(plan.scheduler_path)] == plan.scheduler_path:
+                continue
+            p = plan.optimizer_path + ("param_groups",)
+            if path[:len(p)] == p and len(path) > len(p) + 1 and path[len(p) + 1] in OWNED:
+                continue
+            if isinstance(value, (dict, list, tuple)):
+                continue
+            out[path] = value
+        return out
+
+    before, after = outside(a), outside(b)
+    assert before.keys() == after.keys()
+    for path, value in before.items():
+        other = after[path]
+        if isinstance(value, TensorRef):  # same metadata and the very same bytes
+            assert (value.dtype, value.shape, value.stride) == (other.dtype, other.shape,
+                                                                other.stride)
+            assert a.tensor_bytes(value) == b.tensor_bytes(other), path
+        else:
+            assert value == other, path
+
+
+def test_in_place_without_backup(tmp_path):
+    src = tmp_path / "in.pt"
+    src.write_bytes((FIXTURES / "adamw_cosine.pt").read_bytes())
+    ckpttool.reschedule(src, sets=["T_max=80"]).save_in_place(backup=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["in.pt"]
+
+
+def test_a_failed_verification_removes_the_output(tmp_path, monkeypatch):
+    from ckpttool import schedule
+
+    monkeypatch.setattr(schedule, "verify_resume", lambda plan, file, steps: "resumed step 1: "
+                        "stored 0.1 != replayed 0.2")
+    plan = ckpttool.reschedule(FIXTURES / "adamw_cosine.pt", sets=["T_max=80"])
+    with pytest.raises(CkptToolError, match="does not resume as replayed"):
+        plan.save(tmp_path / "out.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_long_replays_report_progress():
+    seen = []
+    plan = ckpttool.reschedule(FIXTURES / "adamw_cosine.pt", step=100_000,
+                               progress=lambda done, total: seen.append((done, total)))
+    assert plan.steps == 100_000
+    assert seen and seen[-1] == (100_000, 100_000)
