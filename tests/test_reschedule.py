@@ -521,3 +521,33 @@ def test_long_replays_report_progress():
                                progress=lambda done, total: seen.append((done, total)))
     assert plan.steps == 100_000
     assert seen and seen[-1] == (100_000, 100_000)
+
+
+@pytest.mark.parametrize("change", [["T_max=80"], ["T_max=20000"], ["eta_min=0.5"]])
+def test_meta_loading_computes_true_offsets_in_the_output(tmp_path, change):
+    """torch.load(map_location="meta") derives every storage's file offset from torch.save's own
+    sequential layout (torch/serialization.py `_get_offset`); a rewritten file must keep that
+    layout exactly, whatever the new pickle's length, or those offsets silently point elsewhere."""
+    from ckpttool.serialization import TensorRef, walk
+
+    out = tmp_path / "out.pt"
+    ckpttool.reschedule(FIXTURES / "adamw_cosine.pt", sets=change).save(out)
+    meta = torch.load(out, weights_only=True, map_location="meta")
+    file = read_checkpoint(out)
+
+    def pairs(a, b):
+        if isinstance(b, TensorRef):
+            yield a, b
+        elif isinstance(b, dict):
+            for k in b:
+                yield from pairs(a[k], b[k])
+        elif isinstance(b, (list, tuple)):
+            for x, y in zip(a, b):
+                yield from pairs(x, y)
+
+    checked = 0
+    for tensor, ref in pairs(meta, file.root):
+        offset, _ = file.storage_spans[ref.storage.key]
+        assert tensor.untyped_storage()._checkpoint_offset == offset, ref
+        checked += 1
+    assert checked > 4
