@@ -6,7 +6,9 @@ only here; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import os
 import sys
+import textwrap
 import traceback
 
 import click
@@ -46,10 +48,38 @@ class _Group(click.Group):
         except Exception as e:  # a bug: still one line, with the way to see more
             if debug:
                 traceback.print_exc()
-            _error(f"internal error: {type(e).__name__}: {e} (rerun with --debug for the "
-                   "traceback and please report it)")
+            _error(_internal_error(e))
             code = EXIT_ERROR
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _silence_stdout()
         sys.exit(EXIT_OK if code is None else code)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            # The reader went away (`ckpttool show ... | head -1`): it has all it wanted. (Here,
+            # before click's own handler, which would exit 1.)
+            _silence_stdout()
+            return EXIT_OK
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's own flush at exit does not fail
+    on the closed pipe again (the Python documentation's recipe for SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def _internal_error(e: Exception) -> str:
+    try:
+        detail = f": {e}"
+    except Exception:  # a message that cannot be written (an absurd int in it)
+        detail = ""
+    return (f"internal error: {type(e).__name__}{detail} (rerun with --debug for the traceback "
+            "and please report it)")
 
 
 def _error(message: str) -> None:
@@ -89,23 +119,34 @@ def show(paths: tuple[str, ...], as_json: bool, verify: bool) -> int:
     """
     from ckpttool import inspection, render
 
+    debug = click.get_current_context().find_root().params.get("debug", False)
     docs, failed = [], False
     for i, path in enumerate(paths):
         try:
             ckpt = inspection.load(path, verify=verify)
-        except CkptToolError as e:
+            # Rendered here, so that a failure to render one PATH is that PATH's failure.
+            out = (render.dumps(render.show_dict(ckpt)) if as_json
+                   else ("\n" if i else "") + render.show_text(ckpt))
+        except Exception as e:
             if len(paths) == 1:
                 raise
-            _error(str(e))
+            if debug:
+                traceback.print_exc()
+            # With several PATHs one that fails, even by a bug, must not lose the others.
+            message = str(e) if isinstance(e, CkptToolError) else f"{path}: {_internal_error(e)}"
+            _error(message)
             failed = True
-            docs.append({"schema": render.SHOW_SCHEMA, "path": path, "error": str(e)})
+            if as_json:
+                docs.append(render.dumps({"schema": render.SHOW_SCHEMA, "path": path,
+                                          "error": message}))
             continue
         if as_json:
-            docs.append(render.show_dict(ckpt))
+            docs.append(out)
         else:
-            click.echo(("\n" if i else "") + render.show_text(ckpt), nl=False)
-    if as_json:
-        click.echo(render.dumps(docs if len(paths) > 1 else docs[0]))
+            click.echo(out, nl=False)
+    if as_json:  # the same text json.dumps(indent=2) writes for the list, one document at a time
+        click.echo(docs[0] if len(paths) == 1
+                   else "[\n" + ",\n".join(textwrap.indent(d, "  ") for d in docs) + "\n]")
     return EXIT_ERROR if failed else EXIT_OK
 
 

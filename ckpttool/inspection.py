@@ -15,14 +15,22 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ckpttool import layout
-from ckpttool.errors import UnsafeCheckpointError
-from ckpttool.schedulers import SchedulerInfo, format_call, identify_scheduler
+from ckpttool.errors import CkptToolError, StateError, UnsafeCheckpointError
+from ckpttool.schedulers import (
+    SCHEDULER_SET_KEYS,
+    SchedulerInfo,
+    identify_scheduler,
+    int_text,
+    same,
+    value_repr,
+)
 from ckpttool.serialization import (
+    _DTYPE_NAMES,
     Opaque,
     TensorRef,
     TorchFile,
@@ -38,8 +46,6 @@ from ckpttool.serialization import (
 # (their set changed across torch releases).
 OPTIMIZER_FLAGS = frozenset({"foreach", "maximize", "capturable", "differentiable", "fused",
                              "decoupled_weight_decay"})
-# Group keys a scheduler writes (torch-scheduler-state.md 2.3), never an optimizer's own.
-SCHEDULER_GROUP_KEYS = ("initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum")
 # Keys of a group that are bookkeeping, not hyperparameters.
 GROUP_BOOKKEEPING = frozenset({"params", "param_names"})
 
@@ -64,8 +70,8 @@ OPTIMIZER_SIGNATURES: dict[str, frozenset[str]] = {
     "Muon": frozenset({"lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps",
                        "ns_steps", "adjust_lr_fn"}),
 }
-# A group may carry a few keys of the user's own (a "name", a tag) and still be that class;
-# more unexplained keys than this means another library's optimizer.
+# A group may carry a few keys of the user's own (a "name", a tag: strings) and still be that
+# class; more unexplained keys than this means another library's optimizer.
 _MAX_EXTRA_GROUP_KEYS = 2
 
 
@@ -81,15 +87,25 @@ class OptimizerClass:
 def identify_optimizer(state: Mapping) -> OptimizerClass:
     """Infer the torch.optim class from a state's group keys (and per-parameter state keys).
 
-    Adam and AdamW share every key; torch >= 2.2 tells them apart by ``decoupled_weight_decay``.
-    Adamax and RAdam share their hyperparameters; their per-parameter state differs.
+    Adam and AdamW share every key; torch >= 2.7 (where Adam gained the flag and AdamW became
+    Adam with it set) tells them apart by ``decoupled_weight_decay``; older states are "unknown"
+    with both as candidates. Adamax and RAdam share their hyperparameters: Adamax keeps
+    ``exp_inf`` per parameter, RAdam has the ``decoupled_weight_decay`` flag (torch >= 2.1).
+    A group with unexplained keys that hold numbers or flags (FusedAdam's ``bias_correction``,
+    transformers.AdamW's ``correct_bias``) is another library's optimizer: "unknown", with the
+    torch classes it resembles as candidates.
+
+    Example:
+        >>> identify_optimizer({"state": {}, "param_groups": [{"params": [0], "lr": 0.1,
+        ...     "betas": (0.9, 0.999), "eps": 1e-06, "weight_decay": 0.0, "correct_bias": True}]})
+        OptimizerClass(name='unknown', candidates=('Adamax', 'RAdam'), extra_keys=('correct_bias',))
     """
     groups = state.get("param_groups") or []
-    if not groups:
+    if not groups or not isinstance(groups[0], Mapping):
         return OptimizerClass("unknown")
     group = groups[0]
     keys = {k for k in group if isinstance(k, str)} - OPTIMIZER_FLAGS - GROUP_BOOKKEEPING
-    keys -= set(SCHEDULER_GROUP_KEYS)
+    keys -= set(SCHEDULER_SET_KEYS)
     exact = [n for n, sig in OPTIMIZER_SIGNATURES.items() if sig == keys]
     if exact:
         fitting, extras = exact, ()
@@ -100,7 +116,10 @@ def identify_optimizer(state: Mapping) -> OptimizerClass:
         best = max(len(OPTIMIZER_SIGNATURES[n]) for n in subsets)
         fitting = [n for n in subsets if len(OPTIMIZER_SIGNATURES[n]) == best]
         extras = tuple(sorted(keys - OPTIMIZER_SIGNATURES[fitting[0]]))
-        if len(extras) > _MAX_EXTRA_GROUP_KEYS:
+        # A user's own key names or tags a group (a string); one holding a number or a flag is
+        # a hyperparameter of an algorithm torch's class does not have.
+        if len(extras) > _MAX_EXTRA_GROUP_KEYS or any(
+                not isinstance(group[k], str) for k in extras):
             return OptimizerClass("unknown", tuple(fitting), extras)
     state_keys = _state_keys(state)
     if "Adam" in fitting:
@@ -110,7 +129,7 @@ def identify_optimizer(state: Mapping) -> OptimizerClass:
     if "Adamax" in fitting:
         if "exp_inf" in state_keys:
             fitting = ["Adamax"]
-        elif "exp_avg_sq" in state_keys or "decoupled_weight_decay" in group:
+        elif "decoupled_weight_decay" in group:
             fitting = ["RAdam"]
     if len(fitting) == 1:
         return OptimizerClass(fitting[0], (), extras)
@@ -164,28 +183,51 @@ class OptimizerInfo:
     step: float | int | None
     state_keys: tuple[str, ...]
     state: Mapping = field(repr=False, compare=False)
+    extra_keys: tuple[str, ...] = ()  # group keys no candidate class explains
 
 
 @dataclass(frozen=True)
 class SchedulerReport:
-    """One scheduler state: class, counters, recovered arguments, children."""
+    """One scheduler state: counters and lrs as stored, class and arguments from ``info``.
+
+    ``optimizer`` is the location of the optimizer it drives (None: unpaired or ambiguous) and
+    ``pairing`` the evidence that decided it, or why there is none ("ambiguous: A or B").
+    """
 
     location: str | None
-    cls: str
     optimizer: str | None
     pairing: str | None
     last_epoch: int | None
     step_count: int | None
     base_lrs: list | None
     last_lr: list | None
-    args: dict[str, Any]
-    call: str
     children: tuple[SchedulerReport, ...]
-    unrecoverable: tuple[str, ...]
-    candidates: tuple[str, ...]
-    info: SchedulerInfo = field(repr=False, compare=False)
-    state: Mapping = field(repr=False, compare=False)
+    info: SchedulerInfo = field(repr=False)
+    state: Any = field(repr=False, compare=False)
     verify: Any = None  # a schedule.VerifyResult after --verify
+
+    @property
+    def cls(self) -> str:
+        return self.info.cls
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return self.info.args
+
+    @property
+    def call(self) -> str:
+        return self.info.call
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        return self.info.candidates
+
+    @property
+    def unrecoverable(self) -> tuple[str, ...]:
+        """What cannot be recovered, its sub-schedulers' included (``schedulers[i] (Cls): ...``)."""
+        return self.info.unrecoverable + tuple(
+            f"schedulers[{i}] ({child.cls}): {text}"
+            for i, child in enumerate(self.children) for text in child.unrecoverable)
 
 
 @dataclass(frozen=True)
@@ -214,7 +256,6 @@ class Checkpoint:
     findings: tuple[Finding, ...]
     unsafe_globals: tuple[str, ...]
     file: TorchFile = field(repr=False, compare=False)
-    verified: bool = False
 
     def optimizer(self, location: str) -> OptimizerInfo:
         """The optimizer at ``location`` (see :attr:`OptimizerInfo.location`)."""
@@ -232,14 +273,22 @@ class _Values:
 
     def __init__(self, file: TorchFile):
         self.file = file
+        self._scalars: dict[TensorRef, Any] = {}
 
     def plain(self, value: Any) -> Any:
+        """``value`` with its scalar tensors decoded (and containers copied).
+
+        Raises:
+            InputError: a tensor's bytes are missing or damaged.
+        """
         if isinstance(value, TensorRef):
             if value.numel == 1 and value.storage is not None:
-                try:
-                    return self.file.scalar(value)
-                except (ValueError, Exception):  # an undecodable dtype stays a description
-                    return value
+                if value not in self._scalars:
+                    try:
+                        self._scalars[value] = self.file.scalar(value)
+                    except ValueError:  # a dtype decoded only by torch stays a description
+                        self._scalars[value] = value
+                return self._scalars[value]
             return value
         if isinstance(value, tuple):
             return tuple(self.plain(v) for v in value)
@@ -249,9 +298,29 @@ class _Values:
             return {k: self.plain(v) for k, v in value.items()}
         return value
 
+    def evidence(self, value: Any) -> Any:
+        """:meth:`plain`, or the value as stored when it cannot be decoded: for weighing pairing
+        evidence, where an unreadable tensor is simply no evidence (its description then says
+        what is wrong with it)."""
+        try:
+            return self.plain(value)
+        except Exception:
+            return value
+
 
 def _tensor_lr(value: Any) -> TensorLR | None:
     return TensorLR(value.dtype, value.device) if isinstance(value, TensorRef) else None
+
+
+def _key_name(key: Any) -> str:
+    return key if isinstance(key, str) else value_repr(key)
+
+
+def _is_number(value: Any) -> bool:
+    """An int or a float that is not NaN (bools are flags, not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return not (isinstance(value, float) and math.isnan(value))
 
 
 def _describe_optimizer(site: layout.Site, values: _Values) -> OptimizerInfo:
@@ -259,7 +328,7 @@ def _describe_optimizer(site: layout.Site, values: _Values) -> OptimizerInfo:
     klass = identify_optimizer(state)
     groups = []
     for index, g in enumerate(state["param_groups"]):
-        hyper = {str(k): values.plain(v) for k, v in g.items()
+        hyper = {_key_name(k): values.plain(v) for k, v in g.items()
                  if k not in GROUP_BOOKKEEPING and k not in ("lr", "initial_lr")}
         params = g.get("params")
         groups.append(GroupInfo(index, len(params) if isinstance(params, (list, tuple)) else 0,
@@ -268,29 +337,27 @@ def _describe_optimizer(site: layout.Site, values: _Values) -> OptimizerInfo:
     per_param = state["state"]
     steps = [values.plain(e.get("step")) for e in per_param.values()
              if isinstance(e, Mapping) and "step" in e]
-    steps = [s for s in steps if isinstance(s, (int, float))]
+    steps = [s for s in steps if _is_number(s)]
     step = max(steps) if steps else None
     return OptimizerInfo(site.location, klass.name, klass.candidates, tuple(groups),
-                         len(per_param), step, tuple(_state_keys(state)), state)
+                         len(per_param), step, tuple(_state_keys(state)), state,
+                         klass.extra_keys)
 
 
-def _describe_scheduler(state: Mapping, location: str | None, optimizer: str | None,
-                        pairing: str | None, groups: list | None,
-                        values: _Values) -> SchedulerReport:
-    info = identify_scheduler(state, groups)
-    subs = state.get("_schedulers")
-    kids = []
-    if isinstance(subs, (list, tuple)):
-        for sub_state, sub_info in zip(subs, info.children):
-            if isinstance(sub_state, Mapping):
-                kids.append(_describe_scheduler(sub_state, None, None, None, groups, values))
+def _describe_scheduler(state: Any, info: SchedulerInfo, values: _Values, *,
+                        location: str | None = None, optimizer: str | None = None,
+                        pairing: str | None = None) -> SchedulerReport:
+    """The report of one scheduler state, given what identify_scheduler made of it."""
+    subs = state.get("_schedulers") if isinstance(state, Mapping) else None
+    subs = list(subs) if isinstance(subs, (list, tuple)) else []
+    kids = tuple(_describe_scheduler(sub, child, values)
+                 for sub, child in zip(subs, info.children))
+    get = state.get if isinstance(state, Mapping) else (lambda key: None)
     return SchedulerReport(
-        location, info.cls, optimizer, pairing,
-        _int_or_none(state.get("last_epoch")), _int_or_none(state.get("_step_count")),
-        _list_or_none(values.plain(state.get("base_lrs"))),
-        _list_or_none(values.plain(state.get("_last_lr"))),
-        {k: values.plain(v) for k, v in info.args.items()}, format_call(info), tuple(kids),
-        tuple(info.unrecoverable), tuple(info.candidates), info, state)
+        location, optimizer, pairing,
+        _int_or_none(get("last_epoch")), _int_or_none(get("_step_count")),
+        _list_or_none(values.plain(get("base_lrs"))),
+        _list_or_none(values.plain(get("_last_lr"))), kids, info, state)
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -301,66 +368,96 @@ def _list_or_none(value: Any) -> list | None:
     return list(value) if isinstance(value, (list, tuple)) else None
 
 
+def _leaves(sched: SchedulerReport) -> Iterator[SchedulerReport]:
+    """The non-composite schedulers of a report, in the order a script constructs them."""
+    if sched.children:
+        for child in sched.children:
+            yield from _leaves(child)
+    else:
+        yield sched
+
+
+def _initial_lr_source(sched: SchedulerReport) -> SchedulerReport:
+    """The scheduler whose base_lrs the groups' initial_lr must equal.
+
+    Each scheduler reads base_lrs from initial_lr when built; the first one sets initial_lr
+    (setdefault), so for a SequentialLR / ChainedScheduler it is the first sub-scheduler, unless
+    a later OneCycleLR assigned initial_lr anew (it does not setdefault): then the last of those.
+    """
+    leaves = list(_leaves(sched))
+    onecycles = [leaf for leaf in leaves if leaf.cls == "OneCycleLR"]
+    return onecycles[-1] if onecycles else leaves[0]
+
+
 # --- findings --------------------------------------------------------------------------------
 
 
-def _num_eq(a: Any, b: Any) -> bool:
-    """Exact equality of two learning rates (bit-exact; a float and a tensor value compare by value)."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a == b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return a == b or (math.isnan(a) and math.isnan(b))
-    return a == b
-
-
-def _fmt(value: Any) -> str:
-    return repr(value) if isinstance(value, float) else str(value)
-
-
-def _findings_for_pair(opt: OptimizerInfo, sched: SchedulerReport) -> list[Finding]:
+def _findings_for_optimizer_schedulers(opt: OptimizerInfo,
+                                       scheds: list[SchedulerReport]) -> list[Finding]:
+    """Findings about an optimizer and the schedulers that drive it (usually one; torch's
+    chaining steps several in turn, and then the group lr is the last one's _last_lr)."""
     out: list[Finding] = []
-    loc = sched.location or ""
     groups = opt.groups
-    n_sched = len(sched.last_lr) if sched.last_lr is not None else (
-        len(sched.base_lrs) if sched.base_lrs is not None else None)
-    if n_sched is not None and n_sched != len(groups):
+    fitting = []
+    for sched in scheds:
+        loc = sched.location or ""
+        source = _initial_lr_source(sched)
+        counts = {len(x) for x in (sched.last_lr, source.base_lrs) if x is not None}
+        wrong = sorted(n for n in counts if n != len(groups))
+        if wrong:
+            out.append(Finding(
+                "group-count-mismatch", "error", loc,
+                f"{opt.location} has {len(groups)} param groups but {loc} has lrs for "
+                f"{wrong[0]}",
+                "they are not from the same run; loading them together raises or drops groups: "
+                "pair the right files, or rebuild the schedule with `ckpttool reschedule`"))
+            continue
+        fitting.append(sched)
+        out += _initial_lr_findings(opt, sched, source)
+    with_lr = [s for s in fitting if s.last_lr is not None]
+    bad = [i for i, g in enumerate(groups) if with_lr and not any(
+        same(g.lr, s.last_lr[i]) for s in with_lr)]
+    if bad:
+        i, last = bad[0], with_lr[-1]
+        others = [s.location or "" for s in with_lr[:-1]]
         out.append(Finding(
-            "group-count-mismatch", "error", loc,
-            f"{opt.location} has {len(groups)} param groups but {loc} has lrs for {n_sched}",
-            "they are not from the same run; loading them together raises or drops groups: "
-            "pair the right files, or rebuild the schedule with `ckpttool reschedule`"))
+            "lr-mismatch", "error", opt.location,
+            f"group {i} lr {value_repr(groups[i].lr)} != {last.location or ''} _last_lr "
+            f"{value_repr(last.last_lr[i])}"
+            + (f" (nor the _last_lr of {', '.join(others)})" if others else "")
+            + (f" (and {len(bad) - 1} more groups)" if len(bad) > 1 else ""),
+            "the lr was edited by hand or the files are from different steps; the next "
+            "step of a recursive scheduler rescales the edited value: use `ckpttool "
+            "reschedule --lr` to change lrs"))
+    return out
+
+
+def _initial_lr_findings(opt: OptimizerInfo, sched: SchedulerReport,
+                         source: SchedulerReport) -> list[Finding]:
+    out: list[Finding] = []
+    loc, groups, base_lrs = sched.location or "", opt.groups, source.base_lrs
+    if base_lrs is None:
         return out
-    if sched.last_lr is not None:
-        bad = [i for i, g in enumerate(groups) if not _num_eq(g.lr, sched.last_lr[i])]
-        if bad:
-            i = bad[0]
-            out.append(Finding(
-                "lr-mismatch", "error", opt.location,
-                f"group {i} lr {_fmt(groups[i].lr)} != {loc} _last_lr {_fmt(sched.last_lr[i])}"
-                + (f" (and {len(bad) - 1} more groups)" if len(bad) > 1 else ""),
-                "the lr was edited by hand or the files are from different steps; the next "
-                "step of a recursive scheduler rescales the edited value: use `ckpttool "
-                "reschedule --lr` to change lrs"))
-    if sched.base_lrs is not None:
-        missing = [i for i, g in enumerate(groups) if g.initial_lr is None]
-        stepped = (sched.last_epoch or 0) > 0
-        if missing and stepped:
-            out.append(Finding(
-                "missing-initial-lr", "error", opt.location,
-                f"group {missing[0]} has no initial_lr but {loc} is at last_epoch "
-                f"{sched.last_epoch}",
-                "constructing the scheduler with last_epoch>0 raises KeyError and OneCycleLR "
-                "needs it every step: run `ckpttool reschedule` to restore it"))
-        bad = [i for i, g in enumerate(groups)
-               if g.initial_lr is not None and not _num_eq(g.initial_lr, sched.base_lrs[i])]
-        if bad:
-            i = bad[0]
-            out.append(Finding(
-                "initial-lr-mismatch", "error", opt.location,
-                f"group {i} initial_lr {_fmt(groups[i].initial_lr)} != {loc} base_lrs "
-                f"{_fmt(sched.base_lrs[i])}",
-                "a resume takes base_lrs from the scheduler but a rebuilt scheduler takes "
-                "initial_lr from the group: use `ckpttool reschedule --lr` to change base lrs"))
+    epoch = sched.last_epoch if sched.last_epoch is not None else source.last_epoch
+    missing = [i for i, g in enumerate(groups) if g.initial_lr is None]
+    if missing and (epoch or 0) > 0:
+        out.append(Finding(
+            "missing-initial-lr", "error", opt.location,
+            f"group {missing[0]} has no initial_lr but {loc} is at last_epoch {int_text(epoch)}",
+            "constructing the scheduler with last_epoch>0 raises KeyError and OneCycleLR "
+            "needs it every step: run `ckpttool reschedule` to restore it"))
+    bad = [i for i, g in enumerate(groups)
+           if g.initial_lr is not None and not same(g.initial_lr, base_lrs[i])]
+    if bad:
+        i = bad[0]
+        whose = loc if source is sched else f"{loc} (its first sub-scheduler)" if (
+            source.cls != "OneCycleLR") else f"{loc} (its OneCycleLR)"
+        out.append(Finding(
+            "initial-lr-mismatch", "error", opt.location,
+            f"group {i} initial_lr {value_repr(groups[i].initial_lr)} != {whose} base_lrs "
+            f"{value_repr(base_lrs[i])}",
+            "a resume takes base_lrs from the scheduler but a rebuilt scheduler takes "
+            "initial_lr from the group: use `ckpttool reschedule --lr` to change base lrs"))
     return out
 
 
@@ -369,26 +466,33 @@ def _findings_for_scheduler(sched: SchedulerReport) -> list[Finding]:
     loc = sched.location or ""
     if sched.cls == "OneCycleLR":
         total = sched.args.get("total_steps")
-        if isinstance(total, int) and sched.last_epoch is not None:
-            if sched.last_epoch >= total:
+        epoch = sched.last_epoch
+        if isinstance(total, int) and not isinstance(total, bool) and epoch is not None:
+            if epoch >= total:
                 out.append(Finding(
                     "onecycle-exhausted", "error", loc,
-                    f"OneCycleLR is at step {sched.last_epoch} of total_steps={total}: the next "
-                    f"step raises \"Tried to step {sched.last_epoch + 1} times\"",
+                    f"OneCycleLR is at step {int_text(epoch)} of total_steps={int_text(total)}: "
+                    f"the next step raises \"Tried to step {int_text(epoch + 1)} times\"",
                     "to train on, extend the cycle: `ckpttool reschedule --set "
                     "total_steps=N`"))
-            elif sched.last_epoch == total - 1:
+            elif epoch == total - 1:
                 out.append(Finding(
                     "onecycle-finished", "warning", loc,
-                    f"OneCycleLR has finished its {total} steps: the next step overshoots "
-                    "(lr rises again) and the one after raises",
+                    f"OneCycleLR has finished its {int_text(total)} steps: the next step "
+                    "overshoots (lr rises again) and the one after raises",
                     "extend the cycle with `ckpttool reschedule --set total_steps=N`"))
     for text in sched.unrecoverable:
-        code = "lambda-not-stored" if "lambda" in text.lower() else "not-recoverable"
-        out.append(Finding(
-            code, "warning", loc, text,
-            "to replay or reschedule it, pass the function: `--scheduler my_sched.py:make` "
-            "(a function that takes the optimizer and returns the scheduler)"))
+        if "lambda" in text.lower():
+            out.append(Finding(
+                "lambda-not-stored", "warning", loc, text,
+                "to replay or reschedule it, pass the function: `--scheduler my_sched.py:make` "
+                "(a function that takes the optimizer and returns the scheduler)"))
+        else:
+            out.append(Finding(
+                "not-recoverable", "warning", loc, text,
+                "to replay or reschedule it, give the schedule in full: `--scheduler SPEC`, or "
+                "`--scheduler my_sched.py:make` (a function that takes the optimizer and "
+                "returns the scheduler)"))
     return out
 
 
@@ -405,11 +509,15 @@ def _findings_for_optimizer(opt: OptimizerInfo) -> list[Finding]:
             "foreach=True optimizers need capturable=True for tensor lrs"))
     if opt.cls == "unknown":
         keys = sorted({k for g in opt.groups for k in g.hyper} - OPTIMIZER_FLAGS)
+        resembles = ""
+        if opt.candidates and opt.extra_keys:
+            resembles = (f" (the keys of {' or '.join(opt.candidates)} plus "
+                         f"{', '.join(opt.extra_keys)}: another library's optimizer?)")
+        elif opt.candidates:
+            resembles = f" (could be {' or '.join(opt.candidates)})"
         out.append(Finding(
             "unknown-optimizer", "info", opt.location,
-            "optimizer class not recognised from its group keys"
-            + (f" (could be {' or '.join(opt.candidates)})" if opt.candidates else "")
-            + f": {', '.join(keys)}",
+            f"optimizer class not recognised from its group keys{resembles}: {', '.join(keys)}",
             "recomputes use a generic stand-in optimizer with the same group keys"))
     return out
 
@@ -429,7 +537,7 @@ def _weights_only_allows(dotted: str) -> bool:
         return True
     module, _, name = dotted.rpartition(".")
     return module in ("torch", "torch.storage") and (
-        name.endswith("Storage") or name.endswith("Tensor") or name.islower())
+        name.endswith("Storage") or name.endswith("Tensor") or name in _DTYPE_NAMES)
 
 
 def _dangerous_calls(root: Any) -> list[str]:
@@ -437,7 +545,7 @@ def _dangerous_calls(root: Any) -> list[str]:
     calls = []
     for _, value in walk(root):
         if isinstance(value, Opaque) and value.dangerous:
-            args = ", ".join(repr(a)[:60] for a in value.args)
+            args = ", ".join(value_repr(a)[:60] for a in value.args)
             calls.append(f"{value.dotted}({args})")
         elif dotted_name(value) and is_dangerous_global(dotted_name(value)):
             calls.append(dotted_name(value))
@@ -447,19 +555,39 @@ def _dangerous_calls(root: Any) -> list[str]:
 # --- verification (imports torch) -------------------------------------------------------------
 
 
-def _verified(file: TorchFile, opt: OptimizerInfo | None, sched: SchedulerReport) -> SchedulerReport:
-    """The scheduler report with its replay verdict attached (see schedule.verify)."""
-    from dataclasses import replace
+def _verify_all(file: TorchFile, optimizers: list[OptimizerInfo | None],
+                paired: list[tuple[SchedulerReport, layout.Pairing]]) -> list[SchedulerReport]:
+    """The scheduler reports with their replay verdicts attached (see schedule.verify_together).
 
+    The schedulers of one optimizer are replayed together, built in file order and stepped in
+    turn, as torch's chaining runs them; a state that cannot be read or replayed gets the reason.
+    """
     from ckpttool import schedule
 
-    if opt is None:
-        result = schedule.VerifyResult(None, reason="no optimizer to replay it on")
-    else:
-        groups = schedule.materialize(list(opt.state["param_groups"]), file)
-        state = schedule.materialize(sched.state, file)
-        result = schedule.verify(opt.cls, groups, state, sched.info)
-    return replace(sched, verify=result)
+    verdicts: dict[int, Any] = {}
+    for index, opt in enumerate(optimizers):
+        mine = [i for i, (_, p) in enumerate(paired) if p.optimizer == index]
+        if not mine:
+            continue
+        try:
+            if opt is None:
+                raise StateError("its optimizer state is unreadable")
+            groups = schedule.materialize(list(opt.state["param_groups"]), file)
+            scheds = [(schedule.materialize(paired[i][0].state, file), paired[i][0].info)
+                      for i in mine]
+            results = schedule.verify_together(opt.cls, groups, scheds)
+        except CkptToolError as e:
+            results = [schedule.VerifyResult(None, reason=str(e))] * len(mine)
+        except Exception as e:  # damage the replay trips over; the report stands without it
+            results = [schedule.VerifyResult(None, reason=_exception_text(e))] * len(mine)
+        verdicts.update(zip(mine, results))
+    out = []
+    for i, (sched, pairing) in enumerate(paired):
+        result = verdicts.get(i) or schedule.VerifyResult(None, reason=(
+            f"the file does not say which optimizer it drives ({pairing.reason})"
+            if pairing.tied else "no optimizer in this file to replay it on"))
+        out.append(replace(sched, verify=result))
+    return out
 
 
 def _verify_findings(sched: SchedulerReport) -> list[Finding]:
@@ -467,7 +595,8 @@ def _verify_findings(sched: SchedulerReport) -> list[Finding]:
     if v.identical is False:
         return [Finding(
             "verify-mismatch", "error", loc,
-            f"not what a clean run of {sched.call} holds at this step: {v.first_difference}",
+            f"not what a clean run of {v.call or sched.call} holds at this step: "
+            f"{v.first_difference}",
             "the state was edited or built another way; `ckpttool reschedule` rewrites it to "
             "the clean replay")]
     if v.identical is None:
@@ -478,11 +607,75 @@ def _verify_findings(sched: SchedulerReport) -> list[Finding]:
 # --- the entry point -------------------------------------------------------------------------
 
 
+def _exception_text(e: Exception) -> str:
+    try:
+        text = str(e)
+    except Exception:  # a message that cannot be written (an absurd int in it)
+        text = ""
+    text = " ".join(text.split())
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _guarded(findings: list[Finding], location: str, what: str,
+             describe: Callable[..., Any], *args: Any) -> Any:
+    """``describe(*args)``, or None with an ``unreadable-state`` finding when it fails
+    unexpectedly.
+
+    A state ckpttool did not foresee (hand-edited, from another tool) must not take the rest of
+    the report down; a CkptToolError (damaged input) still ends it with one clear line.
+    """
+    try:
+        return describe(*args)
+    except CkptToolError:
+        raise
+    except Exception as e:
+        findings.append(Finding(
+            "unreadable-state", "error", location,
+            f"cannot make sense of this {what} state ({_exception_text(e)})",
+            "it is not laid out as torch saves it (edited by hand, or written by another "
+            "tool); the rest of the report stands"))
+        return None
+
+
+def _describe_paired(site: layout.Site, pairing: layout.Pairing, lay: layout.Layout,
+                     optimizers: list[OptimizerInfo | None], values: _Values) -> SchedulerReport:
+    """A scheduler's report, identified with its optimizer's groups (OneCycleLR needs them)."""
+    index = pairing.optimizer
+    opt = optimizers[index] if index is not None else None
+    groups = list(opt.state["param_groups"]) if opt is not None else None
+    location = lay.optimizers[index].location if index is not None else None
+    return _describe_scheduler(site.state, identify_scheduler(site.state, groups), values,
+                               location=site.location, optimizer=location,
+                               pairing=pairing.reason)
+
+
+def _pairing_findings(sched: SchedulerReport, pairing: layout.Pairing) -> list[Finding]:
+    loc = sched.location or ""
+    if pairing.tied:
+        return [Finding(
+            "ambiguous-pairing", "warning", loc,
+            f"{loc} may drive {pairing.reason.removeprefix('ambiguous: ')}: the file holds the "
+            "same evidence for each, so its lrs are not checked",
+            "save schedulers beside their optimizers under matching names (`opt_g` / "
+            "`sched_g`), or inspect the states one by one")]
+    if pairing.optimizer is None:
+        return [Finding(
+            "unpaired-scheduler", "warning", loc,
+            f"no optimizer in this file matches scheduler {loc}",
+            "check that the optimizer was saved with it")]
+    return []
+
+
 def inspect_file(file: TorchFile, *, verify: bool = False) -> Checkpoint:
     """Build the :class:`Checkpoint` view of a file that was read safely.
 
+    A state that cannot be made sense of becomes an ``unreadable-state`` finding; the rest of the
+    report stands.
+
     Raises:
         UnsafeCheckpointError: the pickle calls code-running globals (nothing was run).
+        InputError: tensor data the report needs is missing or damaged.
     """
     dangerous = _dangerous_calls(file.root)
     if dangerous or any(is_dangerous_global(g) for g in file.globals_seen):
@@ -491,28 +684,28 @@ def inspect_file(file: TorchFile, *, verify: bool = False) -> Checkpoint:
         raise UnsafeCheckpointError(
             f"{file.path}: the pickle calls {named}, which would run code on "
             "torch.load(weights_only=False); nothing was executed. Do not load this file")
-    lay = layout.locate(file)
     values = _Values(file)
-    optimizers = [_describe_optimizer(site, values) for site in lay.optimizers]
-    by_location = {o.location: o for o in optimizers}
-    schedulers = []
-    for site in lay.schedulers:
-        opt_loc, reason = lay.pairing[site.location]
-        groups = list(by_location[opt_loc].state["param_groups"]) if opt_loc else None
-        schedulers.append(_describe_scheduler(site.state, site.location, opt_loc, reason,
-                                              groups, values))
+    lay = layout.locate(file, plain=values.evidence)
     findings: list[Finding] = []
+    # One entry per state found (None: unreadable), so that pairings index them.
+    described = [_guarded(findings, site.location, "optimizer", _describe_optimizer, site,
+                          values) for site in lay.optimizers]
+    paired = [(report, pairing) for site, pairing in zip(lay.schedulers, lay.pairing)
+              if (report := _guarded(findings, site.location, "scheduler", _describe_paired,
+                                     site, pairing, lay, described, values)) is not None]
+    optimizers = [o for o in described if o is not None]
     for opt in optimizers:
-        findings += _findings_for_optimizer(opt)
-    for sched in schedulers:
-        if sched.optimizer is not None:
-            findings += _findings_for_pair(by_location[sched.optimizer], sched)
-        else:
-            findings.append(Finding(
-                "unpaired-scheduler", "warning", sched.location or "",
-                f"no optimizer in this file matches scheduler {sched.location}",
-                "check that the optimizer was saved with it"))
-        findings += _findings_for_scheduler(sched)
+        findings += _guarded(findings, opt.location, "optimizer", _findings_for_optimizer,
+                             opt) or []
+    for index, opt in enumerate(described):
+        mine = [s for s, p in paired if p.optimizer == index]
+        if opt is not None and mine:
+            findings += _guarded(findings, mine[0].location or "", "scheduler",
+                                 _findings_for_optimizer_schedulers, opt, mine) or []
+    for sched, pairing in paired:
+        findings += _pairing_findings(sched, pairing)
+        findings += _guarded(findings, sched.location or "", "scheduler",
+                             _findings_for_scheduler, sched) or []
     unsafe = tuple(dict.fromkeys(g for g in file.globals_seen if not _weights_only_allows(g)))
     if unsafe:
         findings.append(Finding(
@@ -520,17 +713,18 @@ def inspect_file(file: TorchFile, *, verify: bool = False) -> Checkpoint:
             f"torch.load(weights_only=True) refuses this file: it holds {', '.join(unsafe)}",
             "load it with torch.serialization.safe_globals([...]) for those classes; ckpttool "
             "reads it without running them"))
-    if not optimizers and not schedulers:
+    if not lay.optimizers and not lay.schedulers:
         findings.append(Finding(
             "no-state", "info", "", "no optimizer or scheduler state in this checkpoint",
             "it may hold model weights only; the optimizer is often saved in another file"))
+    schedulers = [s for s, _ in paired]
     if verify:
-        schedulers = [_verified(file, by_location.get(s.optimizer), s) for s in schedulers]
+        schedulers = _verify_all(file, described, paired)
         findings += [f for s in schedulers for f in _verify_findings(s)]
     order = {"error": 0, "warning": 1, "info": 2}
     findings.sort(key=lambda f: order.get(f.severity, 3))
     return Checkpoint(file.path, lay.kind, file.size, tuple(optimizers), tuple(schedulers),
-                      tuple(findings), unsafe, file, verify)
+                      tuple(findings), unsafe, file)
 
 
 def load(path: str | os.PathLike, *, verify: bool = False) -> Checkpoint:

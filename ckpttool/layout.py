@@ -4,18 +4,18 @@ A checkpoint is a tree; states sit anywhere in it: `optimizer` / `scheduler` at 
 tutorial's `optimizer_state_dict`, a nested `train_state/optimizer`, Lightning's parallel lists
 `optimizer_states/0` and `lr_schedulers/0`, a GAN's `opt_g` / `sched_g`. This module finds every
 optimizer and scheduler state by its shape, not its key name, and pairs each scheduler with the
-optimizer it drives from the evidence the file holds (key names, position, group counts, and
-whether the scheduler's base_lrs are the optimizer's initial_lr values).
+optimizer it drives from the evidence the file holds: the lrs the scheduler saved against the
+groups' lr and initial_lr, group counts, key names, positions in parallel lists.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ckpttool.schedulers import looks_like_scheduler
+from ckpttool.schedulers import int_text, looks_like_scheduler, same, value_repr
 from ckpttool.serialization import MAX_DEPTH, TorchFile, children, join_location
 
 # Top-level keys Lightning writes into every .ckpt (lightning/pytorch/trainer/connectors/
@@ -40,7 +40,22 @@ class Site:
 
     @property
     def location(self) -> str:
-        return join_location(self.path)
+        # Keys as str() writes them, but an absurd int key by its size (str() refuses it).
+        return join_location(tuple(k if isinstance(k, str) else value_repr(k) for k in self.path))
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """Which optimizer one scheduler drives, and the evidence that decided it.
+
+    ``optimizer`` indexes :attr:`Layout.optimizers` (None: unpaired or ambiguous); ``reason`` is
+    the deciding evidence ("_last_lr = group lrs", "only optimizer"), why there is no optimizer,
+    or "ambiguous: A or B"; ``tied`` indexes the optimizers that tie for an ambiguous one.
+    """
+
+    optimizer: int | None
+    reason: str
+    tied: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -50,8 +65,7 @@ class Layout:
     kind: str
     optimizers: tuple[Site, ...]
     schedulers: tuple[Site, ...]
-    # scheduler location -> (optimizer location or None, how the pairing was decided)
-    pairing: dict[str, tuple[str | None, str]]
+    pairing: tuple[Pairing, ...]  # one per scheduler, in the order of `schedulers`
 
 
 def looks_like_optimizer(value: Any) -> bool:
@@ -106,8 +120,9 @@ def _role_residue(path: tuple) -> tuple[tuple, str]:
     *parent, last = path
     if isinstance(last, int) and parent:
         # Lightning-style parallel lists: optimizer_states/0 pairs with lr_schedulers/0.
-        return tuple(parent[:-1]), f"#{last}"
-    residue = _ROLE_WORDS.sub("", str(last)).strip("_-. ").lower()
+        return tuple(parent[:-1]), "#" + int_text(last)
+    name = last if isinstance(last, str) else value_repr(last)
+    residue = _ROLE_WORDS.sub("", name).strip("_-. ").lower()
     return tuple(parent), residue
 
 
@@ -116,87 +131,130 @@ def _group_count(state: Mapping) -> int | None:
         value = state.get(key)
         if isinstance(value, (list, tuple)):
             return len(value)
-    subs = state.get("_schedulers")
-    if isinstance(subs, (list, tuple)) and subs and isinstance(subs[0], Mapping):
-        return _group_count(subs[0])
-    return None
+    first = _first_child(state)
+    return _group_count(first) if first is not None else None
 
 
 def _base_lrs(state: Mapping) -> list | None:
+    """base_lrs of a scheduler, or of the first one a SequentialLR / ChainedScheduler built."""
     value = state.get("base_lrs")
     if isinstance(value, (list, tuple)):
         return list(value)
+    first = _first_child(state)
+    return _base_lrs(first) if first is not None else None
+
+
+def _first_child(state: Mapping) -> Mapping | None:
     subs = state.get("_schedulers")
     if isinstance(subs, (list, tuple)) and subs and isinstance(subs[0], Mapping):
-        return _base_lrs(subs[0])
+        return subs[0]
     return None
 
 
-def _score(sched: Site, opt: Site) -> tuple[int, str]:
-    """How strongly the file says `sched` drives `opt`, and the strongest reason."""
-    score, reasons = 0, []
+# Evidence that a scheduler drives an optimizer, with its weight. What the scheduler saved of the
+# groups it stepped is the strongest: `_last_lr` is what it last wrote into each group's lr,
+# `base_lrs` what it read from each group's initial_lr when it was built. Key names come next
+# (`opt_g` / `sched_g`), a position in parallel lists last (Lightning saves `lr_schedulers` in
+# configuration order, which need not be the optimizers' order). Two kinds of evidence rule a
+# candidate out: another group count (one scheduler lr per group), and an optimizer without any
+# initial_lr (every LRScheduler sets it when built, so no scheduler ever drove that optimizer).
+LAST_LR = "_last_lr = group lrs"
+BASE_LRS = "base_lrs = initial_lr"
+KEY_NAMES = "key names"
+POSITION = "list position"
+GROUP_COUNT = "group count"
+INITIAL_LR = "initial_lr present"
+_WEIGHTS = {LAST_LR: 16, BASE_LRS: 8, KEY_NAMES: 4, POSITION: 1, GROUP_COUNT: 1}
+_GROUP_COUNT_MISMATCH = -64
+_NO_INITIAL_LR = -32
+
+
+def _evidence(sched: Site, opt: Site, plain: Callable[[Any], Any]) -> dict[str, int]:
+    """Evidence label -> weight (negative: evidence against) for `sched` driving `opt`."""
+    found: dict[str, int] = {}
     s_parent, s_res = _role_residue(sched.path)
     o_parent, o_res = _role_residue(opt.path)
     if s_parent == o_parent and s_res == o_res:
-        score += 4
-        reasons.append("key names")
-    groups = opt.state["param_groups"]
+        label = POSITION if s_res.startswith("#") else KEY_NAMES
+        found[label] = _WEIGHTS[label]
+    groups = [g for g in opt.state["param_groups"] if isinstance(g, Mapping)]
     n = _group_count(sched.state)
     if n is not None:
-        if n == len(groups):
-            score += 2
-            reasons.append("group count")
-        else:
-            score -= 6
+        found[GROUP_COUNT] = _WEIGHTS[GROUP_COUNT] if n == len(groups) else _GROUP_COUNT_MISMATCH
+    last_lr = sched.state.get("_last_lr")
+    if _all_same(last_lr, [g.get("lr") for g in groups], plain):
+        found[LAST_LR] = _WEIGHTS[LAST_LR]
     base = _base_lrs(sched.state)
     initial = [g.get("initial_lr") for g in groups]
-    if base is not None and len(base) == len(initial) and all(
-            i is not None and _same(b, i) for b, i in zip(base, initial)):
-        score += 3
-        reasons.append("base_lrs = initial_lr")
-    return score, (reasons[0] if reasons else "only candidate")
+    if base is not None:  # a scheduler that sets initial_lr (ReduceLROnPlateau does not)
+        if _all_same(base, initial, plain):
+            found[BASE_LRS] = _WEIGHTS[BASE_LRS]
+        if groups and all("initial_lr" not in g for g in groups):
+            found[INITIAL_LR] = _NO_INITIAL_LR
+    return found
 
 
-def _same(a: Any, b: Any) -> bool:
-    if type(a) is not type(b):
+def _all_same(saved: Any, values: list, plain: Callable[[Any], Any]) -> bool:
+    if not isinstance(saved, (list, tuple)) or len(saved) != len(values) or not values:
         return False
-    return a == b
+    return all(v is not None and same(plain(a), plain(v)) for a, v in zip(saved, values))
 
 
-def pair_schedulers(optimizers: list[Site], schedulers: list[Site]) -> dict[str, tuple[str | None, str]]:
+def _deciding(best: dict[str, int], runner_up: dict[str, int]) -> str:
+    """The evidence that sets the best candidate apart from the runner-up: its strongest own
+    evidence the runner-up lacks, else the strongest evidence against the runner-up."""
+    own = [k for k, w in best.items() if w > 0 and runner_up.get(k, 0) < w]
+    if own:
+        return max(own, key=lambda k: best[k])
+    return min(runner_up, key=lambda k: runner_up[k] - best.get(k, 0))
+
+
+def pair_schedulers(optimizers: list[Site], schedulers: list[Site], *,
+                    plain: Callable[[Any], Any] = lambda v: v) -> tuple[Pairing, ...]:
     """Pair every scheduler with the optimizer it most likely drives.
 
-    Greedy over all (scheduler, optimizer) scores, best first, one scheduler per optimizer while
-    unpaired optimizers remain; a scheduler with no positive evidence for any optimizer stays
-    unpaired unless the file has exactly one optimizer.
+    Each scheduler independently takes the optimizer with the most evidence (see ``_WEIGHTS``;
+    several schedulers may drive one optimizer, as torch's chaining does). It stays unpaired
+    when no candidate has positive evidence, and is ambiguous when the best two tie; then the
+    file does not say, and no pairing is guessed. With a single optimizer in the file, every
+    scheduler drives it (its findings then say what does not fit).
+
+    Args:
+        optimizers, schedulers: from :func:`find_states`.
+        plain: turns a stored value into a plain one (decodes a scalar tensor lr), so that lrs
+            compare by value.
+
+    Example:
+        >>> opt = {"state": {}, "param_groups": [{"params": [0], "lr": 0.05, "initial_lr": 0.1}]}
+        >>> other = {"state": {}, "param_groups": [{"params": [0], "lr": 0.1}]}
+        >>> sched = {"base_lrs": [0.1], "last_epoch": 3, "_last_lr": [0.05], "gamma": 0.5}
+        >>> pair_schedulers([Site(("a",), other), Site(("b",), opt)], [Site(("s",), sched)])
+        (Pairing(optimizer=1, reason='_last_lr = group lrs', tied=()),)
     """
-    pairing: dict[str, tuple[str | None, str]] = {}
     if not optimizers:
-        return {s.location: (None, "no optimizer in the checkpoint") for s in schedulers}
+        return tuple(Pairing(None, "no optimizer in the checkpoint") for _ in schedulers)
     if len(optimizers) == 1:
-        opt = optimizers[0]
-        return {s.location: (opt.location, "only optimizer") for s in schedulers}
-    scored = sorted(
-        ((_score(s, o), si, oi) for si, s in enumerate(schedulers) for oi, o in enumerate(optimizers)),
-        key=lambda t: (-t[0][0], t[1], t[2]))
-    used_opts: set[int] = set()
-    for (score, reason), si, oi in scored:
-        loc = schedulers[si].location
-        if loc in pairing or score <= 0 or oi in used_opts:
-            continue
-        pairing[loc] = (optimizers[oi].location, reason)
-        used_opts.add(oi)
-    for (score, reason), si, oi in scored:  # several schedulers on one optimizer
-        loc = schedulers[si].location
-        if loc not in pairing and score > 0:
-            pairing[loc] = (optimizers[oi].location, reason)
-    for s in schedulers:
-        pairing.setdefault(s.location, (None, "no optimizer matches its groups or key name"))
-    return pairing
+        return tuple(Pairing(0, "only optimizer") for _ in schedulers)
+    out = []
+    for sched in schedulers:
+        evidence = [_evidence(sched, opt, plain) for opt in optimizers]
+        scores = [sum(e.values()) for e in evidence]
+        order = sorted(range(len(optimizers)), key=lambda i: -scores[i])
+        best, second = order[0], order[1]
+        if scores[best] <= 0:
+            out.append(Pairing(None, "no optimizer matches its group count, lrs or key names"))
+        elif scores[second] == scores[best]:
+            tied = tuple(i for i in order if scores[i] == scores[best])
+            names = [optimizers[i].location for i in tied]
+            out.append(Pairing(None, f"ambiguous: {', '.join(names[:-1])} or {names[-1]}",
+                               tied))
+        else:
+            out.append(Pairing(best, _deciding(evidence[best], evidence[second])))
+    return tuple(out)
 
 
-def locate(ckpt: TorchFile) -> Layout:
-    """Find and pair the states of a single-file checkpoint."""
+def locate(ckpt: TorchFile, *, plain: Callable[[Any], Any] = lambda v: v) -> Layout:
+    """Find and pair the states of a single-file checkpoint (``plain``: see pair_schedulers)."""
     optimizers, schedulers = find_states(ckpt.root)
     return Layout(checkpoint_kind(ckpt), tuple(optimizers), tuple(schedulers),
-                  pair_schedulers(optimizers, schedulers))
+                  pair_schedulers(optimizers, schedulers, plain=plain))

@@ -13,12 +13,12 @@ from typing import Any
 
 from ckpttool.inspection import (
     OPTIMIZER_FLAGS,
-    SCHEDULER_GROUP_KEYS,
     Checkpoint,
     Finding,
     OptimizerInfo,
     SchedulerReport,
 )
+from ckpttool.schedulers import MAX_INT_TEXT_BITS, SCHEDULER_SET_KEYS, int_text, value_repr
 from ckpttool.serialization import Opaque, TensorRef, dotted_name, _Marker
 
 SHOW_SCHEMA = "ckpttool.show/1"
@@ -28,9 +28,12 @@ SHOW_SCHEMA = "ckpttool.show/1"
 
 
 def jsonable(value: Any) -> Any:
-    """A value made of JSON types only (see the module docstring for floats)."""
-    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+    """A value made of JSON types only (see the module docstring for floats; an int too long
+    to write in decimal becomes the string ``"<int of N bits>"``)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
         return value
+    if isinstance(value, int):
+        return value if abs(value).bit_length() <= MAX_INT_TEXT_BITS else int_text(value)
     if isinstance(value, float):
         if math.isfinite(value):
             return value
@@ -53,7 +56,7 @@ def jsonable(value: Any) -> Any:
         return {"bytes": len(value)}
     if isinstance(value, complex):
         return {"real": jsonable(value.real), "imag": jsonable(value.imag)}
-    return repr(value)
+    return value_repr(value)
 
 
 def optimizer_dict(opt: OptimizerInfo) -> dict:
@@ -81,7 +84,7 @@ def scheduler_dict(s: SchedulerReport, *, top: bool = True) -> dict:
         out["optimizer"] = s.optimizer
         out["pairing"] = s.pairing
     out.update({
-        "last_epoch": s.last_epoch, "step_count": s.step_count,
+        "last_epoch": jsonable(s.last_epoch), "step_count": jsonable(s.step_count),
         "base_lrs": jsonable(s.base_lrs), "last_lr": jsonable(s.last_lr),
         "args": jsonable(s.args), "call": s.call,
         "children": [scheduler_dict(c, top=False) for c in s.children],
@@ -90,9 +93,7 @@ def scheduler_dict(s: SchedulerReport, *, top: bool = True) -> dict:
     if s.candidates:
         out["candidates"] = list(s.candidates)
     if s.verify is not None:
-        out["verify"] = {"identical": s.verify.identical,
-                         "first_difference": s.verify.first_difference,
-                         "reason": s.verify.reason}
+        out["verify"] = jsonable(s.verify.to_dict())
     return out
 
 
@@ -122,15 +123,19 @@ def dumps(doc: Any) -> str:
 
 
 def _text(value: Any) -> str:
+    """A value in a report: numbers exactly, strings quoted (an lr "0.1" is not the number)."""
     if value is None:
         return "-"
-    if isinstance(value, float):
-        return repr(value)
     if isinstance(value, tuple):
         return "(" + ", ".join(_text(v) for v in value) + ")"
     if isinstance(value, list):
         return "[" + ", ".join(_text(v) for v in value) + "]"
-    return str(value)
+    if isinstance(value, (bool, int, float, str, dict)):
+        return value_repr(value)
+    try:
+        return str(value)
+    except ValueError:  # an object whose text holds an absurd int
+        return f"<{type(value).__name__}>"
 
 
 def _size(n: int) -> str:
@@ -162,9 +167,11 @@ def _optimizer_lines(opt: OptimizerInfo) -> list[str]:
     keys: list[str] = []
     for g in opt.groups:
         for k in g.hyper:
-            if k not in keys and k not in OPTIMIZER_FLAGS and k not in SCHEDULER_GROUP_KEYS:
+            if k not in keys and k not in OPTIMIZER_FLAGS and k not in SCHEDULER_SET_KEYS:
                 keys.append(k)
-    keys += [k for k in SCHEDULER_GROUP_KEYS[1:] if any(k in g.hyper for g in opt.groups)]
+    # initial_lr has its own column; the other keys a scheduler set go last
+    keys += [k for k in SCHEDULER_SET_KEYS if k != "initial_lr" and any(
+        k in g.hyper for g in opt.groups)]
     rows = [["group", "params", "lr", "initial_lr", *keys]]
     for g in opt.groups:
         lr = _text(g.lr) + (f" ({g.lr_tensor.dtype} tensor, {g.lr_tensor.device})"
@@ -180,18 +187,23 @@ def _optimizer_lines(opt: OptimizerInfo) -> list[str]:
 
 
 def _scheduler_lines(s: SchedulerReport, indent: str = "") -> list[str]:
-    head = f"{indent}[{s.location}] {s.call}" if s.location is not None else f"{indent}{s.call}"
-    if s.location is not None:
-        head += (f"\n{indent}  drives [{s.optimizer}] (paired by {s.pairing})" if s.optimizer
-                 else f"\n{indent}  drives no optimizer in this file")
+    top = s.location is not None
+    head = f"{indent}[{s.location}] {s.call}" if top else f"{indent}{s.call}"
+    if top:
+        if s.optimizer:
+            head += f"\n{indent}  drives [{s.optimizer}] (paired by {s.pairing})"
+        elif (s.pairing or "").startswith("ambiguous"):
+            head += f"\n{indent}  drives ? ({s.pairing})"
+        else:
+            head += f"\n{indent}  drives no optimizer in this file"
     lines = [head]
     if s.candidates:
         lines.append(f"{indent}  class: {' or '.join(s.candidates)} (same saved state)")
     counters = []
     if s.last_epoch is not None:
-        counters.append(f"last_epoch {s.last_epoch}")
+        counters.append(f"last_epoch {_text(s.last_epoch)}")
     if s.step_count is not None:
-        counters.append(f"step_count {s.step_count}")
+        counters.append(f"step_count {_text(s.step_count)}")
     if counters:
         lines.append(f"{indent}  " + "  ".join(counters))
     if s.base_lrs is not None:
@@ -204,8 +216,8 @@ def _scheduler_lines(s: SchedulerReport, indent: str = "") -> list[str]:
         sub = _scheduler_lines(child, indent + "      ")
         lines.append(f"{indent}    [{i}] " + sub[0].lstrip())
         lines += sub[1:]
-    for text in s.unrecoverable:
-        lines.append(f"{indent}  not recoverable: {text}")
+    if top:  # a sub-scheduler's are listed with its parent's, by position
+        lines += [f"{indent}  not recoverable: {text}" for text in s.unrecoverable]
     if s.verify is not None:
         v = s.verify
         if v.identical:

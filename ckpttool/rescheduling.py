@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import math
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -27,8 +26,8 @@ from typing import Any
 
 from ckpttool import inspection
 from ckpttool.errors import CkptToolError, ReplayError, StateError
-from ckpttool.inspection import SCHEDULER_GROUP_KEYS, Checkpoint, OptimizerInfo, SchedulerReport
-from ckpttool.schedulers import SchedulerInfo, format_call, replay_steps
+from ckpttool.inspection import Checkpoint, OptimizerInfo, SchedulerReport
+from ckpttool.schedulers import SCHEDULER_SET_KEYS, SchedulerInfo, format_call, replay_steps, same
 from ckpttool.serialization import TensorRef, read_checkpoint
 
 RESCHEDULE_SCHEMA = "ckpttool.reschedule/1"
@@ -191,6 +190,12 @@ def _choose_optimizer(ckpt: Checkpoint, location: str | None) -> OptimizerInfo:
 
 
 def _paired_scheduler(ckpt: Checkpoint, opt: OptimizerInfo) -> SchedulerReport | None:
+    unsure = [s for s in ckpt.schedulers if s.optimizer is None
+              and (s.pairing or "").startswith("ambiguous") and opt.location in s.pairing]
+    if unsure:
+        raise StateError(f"{ckpt.path}: scheduler {unsure[0].location} could drive "
+                         f"{unsure[0].pairing.removeprefix('ambiguous: ')}; the file does not "
+                         "say which, so ckpttool will not guess")
     mine = [s for s in ckpt.schedulers if s.optimizer == opt.location]
     if len(mine) > 1:
         raise StateError(f"{ckpt.path}: several schedulers drive {opt.location} ("
@@ -504,7 +509,7 @@ def _rewrite_groups(opt: OptimizerInfo, groups: list, replayed: list,
     """The checkpoint's param groups with every scheduler-owned key taken from the replay
     (momentum / betas too when the new schedule cycles them or --momentum set them)."""
     stored_groups = opt.state["param_groups"]
-    owned = ["lr", *SCHEDULER_GROUP_KEYS] + (["momentum", "betas"] if momentum_owned else [])
+    owned = ["lr", *SCHEDULER_SET_KEYS] + (["momentum", "betas"] if momentum_owned else [])
     new_groups, changes = [], []
     for i, (stored, live, new) in enumerate(zip(stored_groups, groups, replayed)):
         g = copy.copy(stored)
@@ -514,24 +519,15 @@ def _rewrite_groups(opt: OptimizerInfo, groups: list, replayed: list,
             location = old_ref.device if isinstance(old_ref, TensorRef) else None
             g[key] = _to_tree(copy.deepcopy(new[key]), location)
             old_value, new_value = _plain(live.get(key)), _plain(new[key])
-            if key not in stored or not _same_value(old_value, new_value):
+            if key not in stored or not same(old_value, new_value):
                 diff[key] = (old_value if key in stored else None, new_value)
         # Keys only the old schedule used (OneCycleLR's max_lr, CyclicLR's momenta) go.
-        removed = tuple(k for k in SCHEDULER_GROUP_KEYS if k in stored and k not in new)
+        removed = tuple(k for k in SCHEDULER_SET_KEYS if k in stored and k not in new)
         for k in removed:
             del g[k]
         new_groups.append(g)
         changes.append(GroupChange(i, diff, removed))
     return new_groups if isinstance(stored_groups, list) else type(stored_groups)(new_groups), changes
-
-
-def _same_value(a: Any, b: Any) -> bool:
-    if isinstance(a, float) and isinstance(b, float):
-        return a == b or (math.isnan(a) and math.isnan(b))
-    try:
-        return bool(a == b)
-    except Exception:
-        return False
 
 
 def _continue(sched: Any, optimizer: Any, steps: int) -> list:
@@ -573,7 +569,7 @@ def _plateau_in_place(ckpt, opt, old, groups, old_state, target, lr, scale_lr, n
     new_groups, changes = [], []
     for i, (stored, new_lr) in enumerate(zip(opt.state["param_groups"], new_lrs)):
         g = copy.copy(stored)
-        if not _same_value(current[i], new_lr):
+        if not same(current[i], new_lr):
             g["lr"] = new_lr
             changes.append(GroupChange(i, {"lr": (current[i], new_lr)}))
         else:

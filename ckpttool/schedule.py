@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import chain, islice, repeat
 from typing import Any
 
 import torch
@@ -34,23 +34,28 @@ from torch.optim import lr_scheduler as torch_schedulers
 
 from ckpttool.errors import CkptToolError, ReplayError
 from ckpttool.schedulers import (
-    SCHEDULER_GROUP_KEYS,
+    SCHEDULER_SET_KEYS,
+    SCHEDULER_STEPPED_KEYS,
     TRANSIENT_KEYS,
     SchedulerInfo,
     differences,
     format_call,
+    int_text,
     replay_steps,
+    value_repr,
 )
 from ckpttool.serialization import TensorRef, TorchFile, load_tensor
 
 __all__ = ["VerifyResult", "build_scheduler", "materialize", "replay", "standin_optimizer",
-           "verify"]
+           "verify", "verify_together"]
 
-# Group keys a scheduler constructor sets itself (setdefault or assignment). Leaving them out of
-# the stand-in makes the constructor set them as it did in the original run; a stale copy would
-# win over the new lr (setdefault, reference 2.6).
-SCHEDULER_SET_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "max_momentum",
-                                "base_momentum"})
+# A stand-in leaves out the group keys a scheduler constructor sets itself (SCHEDULER_SET_KEYS):
+# the constructor then sets them as it did in the original run, where a stale copy would win
+# over the new lr (setdefault, reference 2.6).
+
+# `show --verify` replays at most this many steps (minutes of CosineAnnealingLR): a last_epoch
+# beyond it is a damaged counter more likely than a run, and would hang the report.
+MAX_VERIFY_STEPS = 100_000_000
 
 # Torch warns when a scheduler steps before its optimizer; a replay never steps the optimizer
 # (it has no gradients), so the warning says nothing here.
@@ -324,9 +329,9 @@ def _tensors_equal(a: Any, b: Any) -> bool:
     return torch.equal(a_bytes, b_bytes)
 
 
-def _group_differences(stored: list[Mapping], replayed: list[Mapping], info: SchedulerInfo):
-    keys = [k for k in SCHEDULER_GROUP_KEYS
-            if k not in ("momentum", "betas") or info.cycles_momentum]
+def _group_differences(stored: list[Mapping], replayed: list[Mapping], cycles_momentum: bool):
+    keys = [k for k in (*SCHEDULER_STEPPED_KEYS, *SCHEDULER_SET_KEYS)
+            if k not in ("momentum", "betas") or cycles_momentum]
     if len(stored) != len(replayed):
         yield (f"optimizer.param_groups: stored {len(stored)} groups != replayed "
                f"{len(replayed)}")
@@ -337,9 +342,11 @@ def _group_differences(stored: list[Mapping], replayed: list[Mapping], info: Sch
             if key in s and key in r:
                 yield from differences(s[key], r[key], path, tensor_equal=_tensors_equal)
             elif key in s:
-                yield f"{path}: in the stored group ({s[key]!r}), absent from a clean run"
+                yield (f"{path}: in the stored group ({value_repr(s[key])}), absent from a "
+                       "clean run")
             elif key in r:
-                yield f"{path}: absent from the stored group (a clean run has {r[key]!r})"
+                yield (f"{path}: absent from the stored group (a clean run has "
+                       f"{value_repr(r[key])})")
 
 
 def _leaves(state: Any, info: SchedulerInfo):
@@ -398,47 +405,110 @@ def verify(opt_class: str, groups: list[Mapping[str, Any]], sched_state: Mapping
         ...        groups)).first_difference
         'optimizer.param_groups[0].lr: stored 0.02 != replayed 0.010000000000000002'
     """
-    call = format_call(info)
-    blocker = info.replay_blocker
-    if blocker is not None:
-        return VerifyResult(None, reason=blocker, call=call)
+    return verify_together(opt_class, groups, [(sched_state, info)])[0]
+
+
+def verify_together(opt_class: str, groups: list[Mapping[str, Any]],
+                    schedulers: Sequence[tuple[Mapping[str, Any], SchedulerInfo]]
+                    ) -> tuple[VerifyResult, ...]:
+    """:func:`verify` for schedulers that step one optimizer in turn (torch's chaining).
+
+    torch documents stepping several schedulers one after another on one optimizer, each
+    rescaling the lr the one before left. They are rebuilt on one stand-in optimizer in the
+    order given (the file's), stepped in turn that order, and each state is compared with its
+    own; the param groups, which the last one wrote, are compared in the last one's result.
+
+    Returns:
+        one VerifyResult per scheduler, in order. When any of them cannot be replayed (or their
+        step counts differ, so they were not stepped in turn), none can, and all say why.
+
+    Example:
+        >>> from ckpttool.schedulers import identify_scheduler
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        >>> s1 = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+        >>> s2 = torch.optim.lr_scheduler.StepLR(opt, step_size=2)
+        >>> for _ in range(5):
+        ...     opt.step(); s1.step(); s2.step()
+        >>> groups = opt.state_dict()["param_groups"]
+        >>> states = [s1.state_dict(), s2.state_dict()]
+        >>> [r.identical for r in verify_together("SGD", groups, [
+        ...     (st, identify_scheduler(st, groups)) for st in states])]
+        [True, True]
+    """
+    calls = [format_call(info) for _, info in schedulers]
+    together = " stepped in turn with ".join(calls)
+
+    def unavailable(reason: str) -> tuple[VerifyResult, ...]:
+        return tuple(VerifyResult(None, reason=reason, call=call) for call in calls)
+
+    for (_, info), call in zip(schedulers, calls):
+        blocker = info.replay_blocker
+        if blocker is not None:
+            return unavailable(blocker if len(schedulers) == 1 else
+                               f"{call}, stepped in turn on the same optimizer: {blocker}")
     try:
-        _check_read(sched_state, "scheduler")
-        steps = replay_steps(sched_state, info)
-        start_lrs = _lrs_seen_by_first_scheduler(sched_state, info)
+        for state, _ in schedulers:
+            _check_read(state, "scheduler")
+        counts = [replay_steps(state, info) for state, info in schedulers]
+        if len(set(counts)) > 1:
+            return unavailable(
+                "the schedulers of this optimizer are at different steps ("
+                + ", ".join(map(int_text, counts)) + "), so they were not stepped in turn and "
+                "no replay order is known")
+        steps = counts[0]
+        if steps > MAX_VERIFY_STEPS:
+            return unavailable(
+                f"last_epoch {int_text(steps)} is more than the {MAX_VERIFY_STEPS:,} steps "
+                "ckpttool replays (a damaged counter?)")
+        first_state, first_info = schedulers[0]
+        start_lrs = _lrs_seen_by_first_scheduler(first_state, first_info)
         if start_lrs is None and any("initial_lr" not in g for g in groups):
             # A group lost its initial_lr (a hand edit): the scheduler's base_lrs still say what
             # the run started from, so the replay answers "is the schedule itself clean?".
-            first_state, _ = next(_leaves(sched_state, info))
-            base = first_state.get("base_lrs") if isinstance(first_state, Mapping) else None
+            leaf_state, _ = next(_leaves(first_state, first_info))
+            base = leaf_state.get("base_lrs") if isinstance(leaf_state, Mapping) else None
             start_lrs = list(base) if isinstance(base, (list, tuple)) else None
         if start_lrs is not None and len(start_lrs) == len(groups):
             groups_at_start = [{**g, "initial_lr": lr} for g, lr in zip(groups, start_lrs)]
         else:
             groups_at_start = list(groups)
         optimizer = standin_optimizer(opt_class, groups_at_start)
-        scheduler = build_scheduler(info, optimizer)
-        replay(scheduler, steps)
+        built = [build_scheduler(info, optimizer) for _, info in schedulers]
+        _replay_in_turn(built, steps)
     except CkptToolError as e:
-        return VerifyResult(None, reason=str(e), call=call)
+        return unavailable(str(e))
     except (ArithmeticError, LookupError, RuntimeError, TypeError, ValueError) as e:
         # torch refusing the arguments or a step, e.g. stepping OneCycleLR past total_steps
-        return VerifyResult(None, reason=f"torch refused to replay {call}: "
-                                         f"{type(e).__name__}: {e}", call=call)
-    found: list[str] = []
+        return unavailable(f"torch refused to replay {together}: {type(e).__name__}: {e}")
     # _is_initial / _get_lr_called_within_step are transients (always False when saved, absent
     # in older torch) and `verbose` (saved by torch < 2.7) changes no lr: the only keys skipped.
-    for line in differences(sched_state, scheduler.state_dict(), "scheduler",
-                            tensor_equal=_tensors_equal, ignore=TRANSIENT_KEYS | {"verbose"}):
-        found.append(line)
-        if len(found) >= _MAX_DIFFERENCES:
-            break
-    if len(found) < _MAX_DIFFERENCES:
-        for line in _group_differences(list(groups), optimizer.param_groups, info):
-            found.append(line)
-            if len(found) >= _MAX_DIFFERENCES:
-                break
-    return VerifyResult(not found, found[0] if found else None, None, tuple(found), steps, call)
+    ignore = TRANSIENT_KEYS | {"verbose"}
+    cycles = any(info.cycles_momentum for _, info in schedulers)
+    results = []
+    for i, ((state, _), sched, call) in enumerate(zip(schedulers, built, calls)):
+        found = differences(state, sched.state_dict(), "scheduler", tensor_equal=_tensors_equal,
+                            ignore=ignore)
+        if i == len(schedulers) - 1:
+            found = chain(found, _group_differences(list(groups), optimizer.param_groups,
+                                                     cycles))
+        lines = tuple(islice(found, _MAX_DIFFERENCES))
+        results.append(VerifyResult(not lines, lines[0] if lines else None, None, lines, steps,
+                                    call))
+    return tuple(results)
+
+
+def _replay_in_turn(schedulers: list[Any], steps: int) -> None:
+    """Step each scheduler once per step, in order, ``steps`` times (none is a
+    ReduceLROnPlateau: verify_together refuses those first)."""
+    if len(schedulers) == 1:
+        replay(schedulers[0], steps)
+        return
+    calls = [s.step for s in schedulers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_STEP_ORDER_WARNING, category=UserWarning)
+        for _ in repeat(None, steps):
+            for step in calls:
+                step()
 
 
 # --- resuming from a rewritten checkpoint -------------------------------------------------------

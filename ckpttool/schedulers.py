@@ -42,10 +42,15 @@ SCHEDULER_CLASSES: tuple[str, ...] = (
     "ReduceLROnPlateau", "CyclicLR", "CosineAnnealingWarmRestarts", "OneCycleLR", "PolynomialLR",
 )
 
-# Param-group keys a scheduler writes (reference 2.3); a rewrite must set all of them together.
-# momentum / betas are owned only while a CyclicLR or OneCycleLR cycles them.
-SCHEDULER_GROUP_KEYS: tuple[str, ...] = (
-    "lr", "initial_lr", "momentum", "betas", "max_lr", "min_lr", "max_momentum", "base_momentum")
+# Param-group keys a scheduler adds to the groups when it is built (setdefault or assignment,
+# reference 2.3), never an optimizer's own: optimizer identification ignores them, a stand-in
+# optimizer leaves them to the scheduler it is given, a rewrite removes those the new one lacks.
+SCHEDULER_SET_KEYS: tuple[str, ...] = (
+    "initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum")
+# Param-group keys a scheduler rewrites as it steps: lr always, momentum / betas only while a
+# CyclicLR or OneCycleLR cycles them (SchedulerInfo.cycles_momentum). With SCHEDULER_SET_KEYS,
+# every group key a scheduler owns; a rewrite must set them together.
+SCHEDULER_STEPPED_KEYS: tuple[str, ...] = ("lr", "momentum", "betas")
 
 # Base-class attributes saved by torch but transient: always False in a saved state, and absent
 # from states saved by older torch. Comparisons of whole states skip them.
@@ -311,11 +316,11 @@ def _mapping_differences(a: Mapping, b: Mapping, path: str, tensor_equal, ignore
     if a.keys() != b.keys() and a and all(isinstance(k, str) for k in a):
         # torch.distributed.checkpoint stores dict keys as strings (a Counter of milestones
         # {2: 1} comes back as {'2': 1}); the schedule is the same when they match as strings.
-        as_str = {str(k): v for k, v in b.items()}
+        as_str = {_key_text(k): v for k, v in b.items()}
         if len(as_str) == len(b) and as_str.keys() == a.keys():
             b_by_key = as_str
     def sub(key: Any) -> str:
-        return f"{path}.{key}" if isinstance(key, str) else f"{path}[{key!r}]"
+        return f"{path}.{key}" if isinstance(key, str) else f"{path}[{value_repr(key)}]"
 
     for key in a:
         if key in ignore:
@@ -342,12 +347,69 @@ def _show(value: Any) -> str:
             scalar = None
         dtype = str(value.dtype).replace("torch.", "")
         return f"tensor({scalar!r}, {dtype})" if scalar is not None else repr(value)
-    text = repr(value)
+    text = value_repr(value)
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def _same(a: Any, b: Any) -> bool:
+def same(a: Any, b: Any) -> bool:
+    """Exact equality of two stored values, the one test ckpttool uses for learning rates.
+
+    Floats compare bit for bit (so -0.0 != 0.0 and a NaN equals the same NaN), other scalars by
+    type and value, containers item by item (see :func:`differences`). A tensor's value is
+    compared once decoded to a Python number (inspection decodes scalar tensors), so a float32
+    lr equals a ``_last_lr`` holding the same float32 value.
+
+    Example:
+        >>> same([0.1, 0.2], (0.1, 0.2)), same(0.0, -0.0), same(1, 1.0)
+        (True, False, False)
+    """
     return next(differences(a, b, ""), None) is None
+
+
+# --- text of values that may be absurd -------------------------------------------------------
+
+# Python refuses to write an int of more than 4300 decimal digits (sys.set_int_max_str_digits,
+# a guard against quadratic conversions) and a checkpoint may hold one: those are shown by their
+# size. 14_000 bits is about 4214 digits, safely under the limit.
+MAX_INT_TEXT_BITS = 14_000
+
+
+def int_text(value: int) -> str:
+    """``repr(value)``, or ``<int of N bits>`` for an int too long to write in decimal.
+
+    Example:
+        >>> int_text(12), int_text(2**20_000)
+        ('12', '<int of 20001 bits>')
+    """
+    bits = abs(value).bit_length()
+    return repr(value) if bits <= MAX_INT_TEXT_BITS else f"<int of {bits} bits>"
+
+
+def _key_text(key: Any) -> str:
+    """A dict key as ``str`` writes it (the form torch.distributed.checkpoint saves), safely."""
+    return key if isinstance(key, str) else value_repr(key)
+
+
+def value_repr(value: Any) -> str:
+    """``repr`` of a plain value (numbers, strings, containers), safe for absurd ints.
+
+    Example:
+        >>> value_repr({"a": [1, 2**20_000]})
+        "{'a': [1, <int of 20001 bits>]}"
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int_text(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(map(value_repr, value)) + "]"
+    if isinstance(value, tuple):
+        inner = ", ".join(map(value_repr, value))
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{value_repr(k)}: {value_repr(v)}" for k, v in value.items()) + "}"
+    try:
+        return repr(value)
+    except ValueError:  # an object whose repr holds an absurd int
+        return f"<{type(value).__name__}>"
 
 
 # --- exact inversion of torch's float arithmetic ---------------------------------------------
@@ -396,6 +458,15 @@ def shortest_float(estimate: float, reproduces: Callable[[float], bool],
     return None
 
 
+def _ratio(a: Any, b: Any) -> float:
+    """``a / b`` as an estimate for :func:`shortest_float`; NaN when there is none (a zero, an
+    overflow: stored values may be absurd)."""
+    try:
+        return float(a / b)
+    except (ArithmeticError, TypeError, ValueError):
+        return math.nan
+
+
 def _intify(x: float) -> int | float:
     """An integral step count reads as an int; torch applies float() to it either way."""
     return int(x) if x.is_integer() and abs(x) < 2**53 else x
@@ -420,7 +491,7 @@ def _literal(value: Any) -> Any:
 def _per_group(values: Any) -> Any:
     """One value for all groups when they agree (as a user writes it), else the list."""
     values = _literal(values)
-    if isinstance(values, list) and values and all(_same(v, values[0]) for v in values):
+    if isinstance(values, list) and values and all(same(v, values[0]) for v in values):
         return values[0]
     return values
 
@@ -428,7 +499,8 @@ def _per_group(values: Any) -> Any:
 def _describe(value: Any) -> str:
     if is_tensor(value):
         return "a tensor"
-    return f"a {type(value).__name__}"
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
 
 class _Recovery:
@@ -489,7 +561,7 @@ def _recover_lambda(r: _Recovery) -> None:
                     "attributes; torch saved an empty dict, so its code and arguments are lost")
         elif isinstance(fn, Mapping):
             kind = (f"was a callable object; torch saved only its attributes "
-                    f"({', '.join(map(str, fn))}), not its code")
+                    f"({', '.join(map(_key_text, fn))}), not its code")
         else:
             kind = f"is stored as {_describe(fn)}, which torch never writes"
         kinds.setdefault(kind, []).append(i)
@@ -504,24 +576,35 @@ def _recover_lambda(r: _Recovery) -> None:
         r.lost("lr_lambda", "lr_lambdas is empty: no group's function was saved.")
 
 
-def _milestones(value: Any, r: _Recovery) -> list[int] | None:
+# MultiStepLR keeps its milestones as a Counter (a milestone listed twice decays twice); a list
+# longer than this is no run's schedule, and spelling out a forged count would exhaust memory.
+MAX_MILESTONES = 10_000
+
+
+def _milestones(value: Any, r: _Recovery) -> list[int] | str:
+    """The milestones list a Counter (or an older torch's list) stands for, or why there is none."""
     if isinstance(value, (list, tuple)):  # older torch kept the list as given
         items = [(m, 1) for m in value]
     elif isinstance(value, Mapping):
         items = list(value.items())
     else:
-        return None
+        return f"milestones is stored as {_describe(value)}, not a Counter of int epochs"
     ints: Counter = Counter()
     from_str: Counter = Counter()
     for key, count in items:
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            return None
+            return (f"milestone {value_repr(key)[:40]} has the count "
+                    f"{value_repr(count)[:40]}, not a non-negative int")
         if isinstance(key, int) and not isinstance(key, bool):
             ints[key] += count
-        elif isinstance(key, str) and key.lstrip("-").isdigit():
+        elif isinstance(key, str) and _is_int_text(key):
             from_str[int(key)] += count
         else:
-            return None
+            return f"milestones hold the key {value_repr(key)[:40]}, not an int epoch"
+    total = sum((ints or from_str).values())
+    if total > MAX_MILESTONES:
+        return (f"milestones count {int_text(total)} epochs in all; ckpttool rebuilds at most "
+                f"{MAX_MILESTONES} (edited by hand?)")
     if ints and from_str:
         r.notes.append("milestones hold both int and string keys (a torch.distributed.checkpoint "
                        "state loaded into a template): step() matches only the int ones, and "
@@ -529,11 +612,22 @@ def _milestones(value: Any, r: _Recovery) -> list[int] | None:
     return sorted((ints or from_str).elements())
 
 
+def _is_int_text(text: str) -> bool:
+    """True for the decimal text of an int, as str(int) writes it (DCP keys)."""
+    digits = text.removeprefix("-")
+    if not (digits.isdecimal() and digits.isascii()) or len(digits) > 4000:
+        return False
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _recover_multistep(r: _Recovery) -> None:
     milestones = _milestones(r.state["milestones"], r)
-    if milestones is None:
-        r.lost("milestones", f"milestones is stored as {_describe(r.state['milestones'])}, not a "
-                             "Counter of int epochs")
+    if isinstance(milestones, str):
+        r.lost("milestones", milestones)
     else:
         r.args["milestones"] = milestones
     r.take("gamma")
@@ -568,7 +662,8 @@ def _recover_cyclic(r: _Recovery) -> None:
     if sizes is None:
         for name in ("step_size_up", "step_size_down"):
             r.lost(name, f"no step_size_up/step_size_down reproduce total_size="
-                         f"{s['total_size']!r} and step_ratio={s['step_ratio']!r} exactly "
+                         f"{value_repr(s['total_size'])} and step_ratio="
+                         f"{value_repr(s['step_ratio'])} exactly "
                          "(edited by hand?)")
     else:
         up, down = sizes
@@ -577,15 +672,16 @@ def _recover_cyclic(r: _Recovery) -> None:
     r.take("mode", "gamma")
     mode, scale_mode, custom = s["mode"], s["scale_mode"], s.get("_scale_fn_custom")
     if custom is not None:
-        keys = ", ".join(map(str, custom)) if isinstance(custom, Mapping) else ""
+        keys = ", ".join(map(_key_text, custom)) if isinstance(custom, Mapping) else ""
         r.lost("scale_fn", f"scale_fn was a callable object; torch saved only its attributes "
                            f"({keys}), not its code")
-    elif mode not in _CYCLIC_FORCED_SCALE_MODE:
-        r.lost("scale_fn", f"scale_fn was a function or lambda (mode {mode!r} is not built in), "
-                           "which torch does not save")
+    elif not isinstance(mode, str) or mode not in _CYCLIC_FORCED_SCALE_MODE:
+        r.lost("scale_fn", f"scale_fn was a function or lambda (mode {value_repr(mode)} is not "
+                           "built in), which torch does not save")
     elif scale_mode != _CYCLIC_FORCED_SCALE_MODE[mode]:
-        r.lost("scale_fn", f"scale_fn was a function or lambda (scale_mode {scale_mode!r} with "
-                           f"mode {mode!r} needs one), which torch does not save")
+        r.lost("scale_fn", f"scale_fn was a function or lambda (scale_mode "
+                           f"{value_repr(scale_mode)} with mode {mode!r} needs one), which "
+                           "torch does not save")
     else:
         # A function given as scale_fn is saved as None too; it is told apart only by the clues
         # above, and otherwise shows up as a verify difference.
@@ -639,8 +735,8 @@ def _recover_onecycle(r: _Recovery) -> None:
     if isinstance(total, int) and isinstance(phases, list) and len(phases) in (2, 3) and all(
             isinstance(p, Mapping) and isinstance(p.get("end_step"), (int, float)) for p in phases):
         three = len(phases) == 3
-        found = shortest_float((phases[0]["end_step"] + 1) / total if total else math.nan,
-                               lambda p: _same(phases, _onecycle_phases(p, total, three)), 0.3)
+        found = shortest_float(_ratio(phases[0]["end_step"] + 1, total),
+                               lambda p: same(phases, _onecycle_phases(p, total, three)), 0.3)
     if found is None:
         r.lost("pct_start", "no pct_start reproduces _schedule_phases exactly (edited by hand?)")
         r.lost("three_phase", "")
@@ -674,7 +770,7 @@ def _recover_onecycle(r: _Recovery) -> None:
         r.lost("div_factor", "div_factor: the param_groups need float max_lr and initial_lr")
     else:
         div = shortest_float(
-            max_lrs[0] / initial[0] if initial[0] else math.nan,
+            _ratio(max_lrs[0], initial[0]),
             lambda d: all(m / d == i for m, i in zip(max_lrs, initial, strict=True)), 25.0)
         if div is None:
             r.lost("div_factor", "no div_factor gives initial_lr = max_lr / div_factor exactly in "
@@ -686,7 +782,7 @@ def _recover_onecycle(r: _Recovery) -> None:
                                    "and min_lr")
     else:
         final = shortest_float(
-            initial[0] / min_lrs[0] if min_lrs[0] else math.nan,
+            _ratio(initial[0], min_lrs[0]),
             lambda f: all(i / f == m for i, m in zip(initial, min_lrs, strict=True)), 1e4)
         if final is None:
             r.lost("final_div_factor", "no final_div_factor gives min_lr = initial_lr / "
@@ -843,7 +939,7 @@ def replay_steps(state: Mapping, info: SchedulerInfo) -> int:
         return replay_steps(subs[0], info.children[0])
     epoch = state.get("last_epoch") if isinstance(state, Mapping) else None
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-        raise StateError(f"{info.cls} state has last_epoch={epoch!r}; a replay needs the "
+        raise StateError(f"{info.cls} state has last_epoch={value_repr(epoch)}; a replay needs the "
                          "non-negative int that stepping leaves there")
     return epoch
 
@@ -860,7 +956,7 @@ def _text(value: Any) -> str:
         return repr(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_text(v) for v in value) + "]"
-    return repr(value)
+    return value_repr(value)
 
 
 def format_call(info: SchedulerInfo, *, defaults: bool = False) -> str:
@@ -888,6 +984,6 @@ def format_call(info: SchedulerInfo, *, defaults: bool = False) -> str:
             parts.append(f"{name}=<not stored>")
         elif name in info.args:
             value = info.args[name]
-            if defaults or default is REQUIRED or not _same(value, default):
+            if defaults or default is REQUIRED or not same(value, default):
                 parts.append(f"{name}={_text(value)}")
     return f"{info.cls}({', '.join(parts)})"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 import subprocess
@@ -9,6 +11,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ckpttool.errors import EXIT_ERROR, EXIT_OK
 from conftest import FIXTURES, ROOT
@@ -140,3 +144,128 @@ def test_version_and_help_have_examples(run_cli):
 def test_debug_shows_the_traceback_for_library_errors(run_cli):
     result = run_cli("--debug", "show", "fixtures/bad/empty.pt")
     assert result.exit_code == EXIT_ERROR and "Traceback" in result.stderr
+
+
+def test_a_bug_on_one_path_does_not_lose_the_batch(run_cli, monkeypatch):
+    from ckpttool import inspection
+
+    real = inspection.load
+
+    def load(path, **kwargs):
+        if str(path).endswith("legacy.pt"):
+            raise RuntimeError("a bug")
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(inspection, "load", load)
+    paths = ["fixtures/adamw_cosine.pt", "fixtures/legacy.pt", "fixtures/tensor_lr.pt"]
+    text = run_cli("show", *paths)
+    assert text.exit_code == EXIT_ERROR
+    assert text.stdout.count("findings:") == 2
+    [line] = text.stderr.splitlines()
+    assert line.startswith("ckpttool: error: fixtures/legacy.pt: internal error: RuntimeError")
+    as_json = run_cli("show", "--json", *paths)
+    docs = json.loads(as_json.stdout)
+    assert [("error" in d) for d in docs] == [False, True, False]
+    assert as_json.stdout.rstrip("\n") == json.dumps(docs, indent=2)  # the usual layout
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`ckpttool show ... | head -1`: more output than a pipe buffers, reader gone after a line."""
+    paths = ["fixtures/adamw_cosine.pt"] * 200
+    proc = subprocess.Popen([sys.executable, "-m", "ckpttool", "show", *paths], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"fixtures/adamw_cosine.pt")
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=60) == EXIT_OK and stderr == b""
+
+
+# --- no input makes `show` fail with anything but one clear line ----------------------------------
+
+
+@functools.cache
+def _base_trees() -> list[dict]:
+    """Real states of the shapes show handles: plain, composite, per-group values, tensors."""
+    L = torch.optim.lr_scheduler
+
+    def run(opt, sched, steps=3, metric=False):
+        for _ in range(steps):
+            opt.step()
+            sched.step(1.0) if metric else sched.step()
+        return {"epoch": steps, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+
+    def sgd(groups=2, **kw):
+        return torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))]}
+                                for _ in range(groups)], lr=0.1, momentum=0.9, **kw)
+
+    adam = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=torch.tensor(0.01),
+                            capturable=True)
+    trees = [
+        run(adam, L.StepLR(adam, step_size=2)),
+        run(o := sgd(), L.SequentialLR(o, [L.LinearLR(o, total_iters=2),
+                                           L.OneCycleLR(o, max_lr=1.0, total_steps=20)], [2])),
+        run(o := sgd(), L.CyclicLR(o, base_lr=0.01, max_lr=0.1, step_size_up=2)),
+        run(o := sgd(), L.MultiStepLR(o, milestones=[1, 2, 2])),
+        run(o := sgd(), L.ReduceLROnPlateau(o), metric=True),
+        run(o := sgd(), L.LambdaLR(o, lambda e: 0.9 ** e)),
+    ]
+    trees.append({"optimizer_states": [trees[2]["optimizer"], trees[3]["optimizer"]],
+                  "lr_schedulers": [trees[3]["scheduler"], trees[2]["scheduler"]],
+                  "pytorch-lightning_version": "2.4.0"})
+    return trees
+
+
+_ODD_VALUES = ["0.1", None, [], [1, "x"], {}, {"a": 1}, 10**5000, -(2**64), float("nan"),
+               float("-inf"), -1, 0, True, (0.5,), torch.tensor([1.0, 2.0])]
+
+
+def _paths(tree, prefix=()):
+    """Every (container path, key) in a tree, tensors and strings being leaves."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    for key, value in items:
+        yield prefix, key
+        if isinstance(value, (dict, list)):
+            yield from _paths(value, prefix + (key,))
+
+
+def _mutate(tree, data):
+    """Change, drop, add or resize a few values anywhere in the tree."""
+    for _ in range(data.draw(st.integers(1, 4), label="mutations")):
+        where, key = data.draw(st.sampled_from(list(_paths(tree))), label="at")
+        parent = tree
+        for k in where:
+            parent = parent[k]
+        op = data.draw(st.sampled_from(["set"] * 4 + ["drop", "add", "shorten", "lengthen"]),
+                       label="op")
+        value = copy.deepcopy(data.draw(st.sampled_from(_ODD_VALUES), label="value"))
+        target = parent[key]
+        if op == "drop":
+            parent.pop(key)
+        elif op == "add" and isinstance(target, dict):
+            target[data.draw(st.sampled_from(["lr", "params", "_schedulers", "x", 3]))] = value
+        elif op == "shorten" and isinstance(target, list) and target:
+            del target[-1]
+        elif op == "lengthen" and isinstance(target, list):
+            target.append(target[0] if target else value)
+        else:
+            parent[key] = value
+
+
+@settings(max_examples=500, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_show_never_fails_but_with_one_line(tmp_path_factory, run_cli, data):
+    tree = copy.deepcopy(data.draw(st.sampled_from(_base_trees()), label="base"))
+    _mutate(tree, data)
+    path = tmp_path_factory.mktemp("mutated") / "ckpt.pt"
+    torch.save(tree, path)
+    for args in (["show"], ["show", "--json"], ["show", "--verify"]):
+        result = run_cli(*args, path)
+        if result.exit_code == EXIT_OK:
+            if "--json" in args:
+                json.loads(result.stdout)
+            continue
+        assert result.exit_code == EXIT_ERROR, result.stderr
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("ckpttool: error: "), result.stderr
+        assert "internal error" not in lines[0], lines[0]

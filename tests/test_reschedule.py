@@ -551,3 +551,17 @@ def test_meta_loading_computes_true_offsets_in_the_output(tmp_path, change):
         assert tensor.untyped_storage()._checkpoint_offset == offset, ref
         checked += 1
     assert checked > 4
+
+
+def test_an_ambiguous_pairing_is_refused_not_guessed(tmp_path):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    path = tmp_path / "twins.pt"
+    torch.save({"first": opt.state_dict(), "second": opt.state_dict(), "lr_sched": sched.state_dict()},
+               path)
+    assert ckpttool.load(path).schedulers[0].optimizer is None
+    with pytest.raises(CkptToolError, match="will not guess"):
+        ckpttool.reschedule(path, optimizer="first", scale_lr=0.5)

@@ -38,9 +38,12 @@ from ckpttool.schedulers import (
     differences,
     format_call,
     identify_scheduler,
+    int_text,
     looks_like_scheduler,
     replay_steps,
+    same,
     shortest_float,
+    value_repr,
 )
 from ckpttool.serialization import TensorRef, read_checkpoint
 
@@ -601,3 +604,56 @@ def test_differences_are_bitwise():
     assert list(differences(ref, ref, "t")) == [
         ("t: stored tensor(float32[] @meta) (value not read) != replayed "
          "tensor(float32[] @meta) (value not read)")]
+
+
+def test_same_is_the_one_exact_equality():
+    assert same([0.1, 0.2], (0.1, 0.2)) and same(math.nan, math.nan)
+    assert not same(0.0, -0.0) and not same(1, 1.0) and not same(True, 1)
+
+
+def test_absurd_ints_are_written_by_their_size():
+    assert int_text(-12) == "-12" and int_text(2**20_000) == "<int of 20001 bits>"
+    assert value_repr((10**5000, "s")) == "(<int of 16610 bits>, 's')"
+    assert list(differences([10**5000], [1], "x")) == [
+        "x[0]: stored <int of 16610 bits> != replayed 1"]
+
+
+def _step_state(**changes):
+    state = {"step_size": 2, "gamma": 0.5, "base_lrs": [0.1], "last_epoch": 3,
+             "_step_count": 4, "_last_lr": [0.05]}
+    return {**state, **changes}
+
+
+@pytest.mark.parametrize("milestones, why", [
+    (Counter({"²": 1}), "milestones hold the key '²', not an int epoch"),  # isdigit, not int()
+    (Counter({"1" * 5000: 1}), "not an int epoch"),
+    (Counter({10: 10**12}), ("milestones count 1000000000000 epochs in all; ckpttool "
+                             "rebuilds at most 10000")),
+    (Counter({10: -1}), "milestone 10 has the count -1, not a non-negative int"),
+    ("x", "milestones is stored as a str, not a Counter of int epochs"),
+])
+def test_odd_milestones_are_not_recoverable(milestones, why):
+    state = {"milestones": milestones, "gamma": 0.1, "base_lrs": [0.1], "last_epoch": 0}
+    info = identify_scheduler(state)
+    assert info.missing == ("milestones",) and why in info.unrecoverable[0]
+
+
+def test_odd_values_are_unrecoverable_not_errors():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
+    cyclic = L.CyclicLR(opt, base_lr=0.01, max_lr=0.1).state_dict()
+    cyclic["mode"] = ["triangular"]  # unhashable: not a built-in mode
+    assert identify_scheduler(cyclic).missing == ("scale_fn",)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
+    onecycle = L.OneCycleLR(opt, max_lr=0.1, total_steps=100)
+    groups = copy.deepcopy(opt.state_dict()["param_groups"])
+    for state, group in [({"total_steps": 10**400}, {}),
+                         ({}, {"max_lr": 10**400, "initial_lr": 1}),
+                         ({}, {"min_lr": 10**-300, "initial_lr": 10**400})]:
+        edited = {**onecycle.state_dict(), **state}
+        info = identify_scheduler(edited, [{**groups[0], **group}])
+        assert info.cls == "OneCycleLR" and info.missing and not info.replayable
+    phases = copy.deepcopy(onecycle.state_dict())
+    phases["_schedule_phases"][0]["end_step"] = 10**400
+    assert "pct_start" in identify_scheduler(phases, groups).missing
+    with pytest.raises(StateError, match="last_epoch=<int of 16610 bits>"):
+        replay_steps(_step_state(last_epoch=-(10**5000)), identify_scheduler(_step_state()))
