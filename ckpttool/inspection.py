@@ -37,6 +37,7 @@ from ckpttool.serialization import (
     dotted_name,
     is_dangerous_global,
     read_checkpoint,
+    scalar_value,
     walk,
 )
 
@@ -296,7 +297,7 @@ class _Values:
             return [self.plain(v) for v in value]
         if isinstance(value, Mapping):
             return {k: self.plain(v) for k, v in value.items()}
-        return value
+        return scalar_value(value)  # a numpy scalar (np.logspace sweeps) as its number
 
     def evidence(self, value: Any) -> Any:
         """:meth:`plain`, or the value as stored when it cannot be decoded: for weighing pairing
@@ -532,12 +533,20 @@ _WEIGHTS_ONLY_GLOBALS = frozenset({
 })
 
 
+# Quantization schemes torch's weights_only loader also allows.
+_QSCHEMES = frozenset({"per_tensor_affine", "per_tensor_symmetric", "per_channel_affine",
+                       "per_channel_symmetric", "per_channel_affine_float_qparams"})
+
+
 def _weights_only_allows(dotted: str) -> bool:
+    if dotted.startswith("__builtin__."):  # protocol 2's spelling; torch maps it to builtins
+        dotted = "builtins." + dotted.removeprefix("__builtin__.")
     if dotted in _WEIGHTS_ONLY_GLOBALS or dotted.startswith("torch._utils._rebuild_"):
         return True
     module, _, name = dotted.rpartition(".")
     return module in ("torch", "torch.storage") and (
-        name.endswith("Storage") or name.endswith("Tensor") or name in _DTYPE_NAMES)
+        name.endswith("Storage") or name.endswith("Tensor") or name in _DTYPE_NAMES
+        or name in _QSCHEMES)
 
 
 def _dangerous_calls(root: Any) -> list[str]:

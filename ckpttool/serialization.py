@@ -418,14 +418,14 @@ def dotted_name(value: Any) -> str | None:
 # bytes), the dtype being numpy.dtype(code, False, True) with BUILD state (3, byteorder, None,
 # None, None, -1, -1, 0). Only these plain number dtypes are decoded; anything else stays opaque.
 _NUMPY_SCALAR = frozenset({"numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar"})
+_NUMPY_DTYPE = frozenset({"numpy.dtype"})
 _NUMPY_FORMATS = {"f8": "d", "f4": "f", "f2": "e", "i8": "q", "i4": "i", "i2": "h", "i1": "b",
                   "u8": "Q", "u4": "I", "u2": "H", "u1": "B", "b1": "?"}
 _NUMPY_BYTEORDERS = {"<": "<", ">": ">", "|": "<"}  # "|": one byte, no order
 
 
-def _is_plain_call(value: Any, dotted: str | frozenset, nargs: int) -> bool:
-    """An opaque value that is only ``dotted(<nargs args>)``: no keywords, items or state."""
-    names = dotted if isinstance(dotted, frozenset) else {dotted}
+def _is_plain_call(value: Any, names: frozenset[str], nargs: int) -> bool:
+    """An opaque value that is only a call of one of ``names`` with ``nargs`` arguments."""
     return (isinstance(value, Opaque) and value.dotted in names and value.how == "call"
             and len(value.args) == nargs and not value.kwargs and not value.items
             and not value.dictitems)
@@ -445,7 +445,7 @@ def scalar_value(value: Any) -> Any:
     if not _is_plain_call(value, _NUMPY_SCALAR, 2) or value.state is not None:
         return value
     dtype, raw = value.args
-    if not _is_plain_call(dtype, "numpy.dtype", 3) or dtype.args[1:] != (False, True):
+    if not _is_plain_call(dtype, _NUMPY_DTYPE, 3) or dtype.args[1:] != (False, True):
         return value
     code, state = dtype.args[0], dtype.state
     if not (isinstance(code, str) and code in _NUMPY_FORMATS and isinstance(state, tuple)
@@ -604,17 +604,16 @@ def _make_device(type_, index=None):
     return NotImplemented
 
 
+_BUILTINS = {"set": set, "frozenset": frozenset, "bytearray": _bytearray, "complex": complex,
+             "slice": slice}
 # What the allowlisted globals become: each call goes to one of these (see _Global), which
 # returns NotImplemented for arguments it does not model; the call is then recorded opaque.
 _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
+    # protocol 2 (torch.save's) spells the builtins module __builtin__
+    **{(module, name): target for module in ("builtins", "__builtin__")
+       for name, target in _BUILTINS.items()},
     ("collections", "OrderedDict"): OrderedDict,
     ("collections", "Counter"): Counter,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("builtins", "bytearray"): _bytearray,
-    ("builtins", "complex"): complex,
-    ("builtins", "slice"): slice,
-    ("__builtin__", "set"): set,
     ("_codecs", "encode"): _codecs_encode,
     ("copyreg", "_reconstructor"): _reconstructor,
     ("copy_reg", "_reconstructor"): _reconstructor,
@@ -1026,8 +1025,7 @@ def _read_zip(path: str, size: int) -> TorchFile:
         prefix = pkl[0].filename[: -len("data.pkl")]
         data_prefix = prefix + "data/"
         for info in infos:
-            if info.filename == pkl[0].filename or info.filename.startswith(data_prefix):
-                _refuse_packed(path, info)
+            _refuse_packed(path, info)
         try:
             data = zf.read(pkl[0])
         except (zipfile.BadZipFile, OSError, EOFError, ValueError,
@@ -1054,8 +1052,8 @@ def _read_zip(path: str, size: int) -> TorchFile:
 
 
 def _refuse_packed(path: str, info: zipfile.ZipInfo) -> None:
-    """A record ckpttool reads in place must be stored as torch.save stores it: its bytes as
-    they are (a compressed data.pkl may also be a zip bomb)."""
+    """Every record must be stored as torch.save stores it, its bytes as they are: tensor data is
+    read in place, and a small compressed record may inflate to gigabytes (a zip bomb)."""
     if info.flag_bits & 0x1:
         raise InputError(f"{path}: the zip record {info.filename[:80]!r} is encrypted; torch.save "
                          "never encrypts; decrypt the archive, or re-save it with torch.save")

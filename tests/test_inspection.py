@@ -488,3 +488,17 @@ def test_an_unforeseen_failure_is_a_finding_and_the_rest_stands(tmp_path, monkey
     assert finding.severity == "error" and finding.location == "optimizer"
     assert "TypeError: something no input should do" in finding.message
     assert not ckpt.optimizers and ckpt.schedulers[0].cls == "CosineAnnealingLR"
+
+
+def test_numpy_scalar_lrs_read_as_numbers(tmp_path):
+    np = pytest.importorskip("numpy")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=float(np.logspace(-3, -1, 3)[1]))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2)
+    state = opt.state_dict()
+    state["param_groups"][0]["lr"] = np.float64(state["param_groups"][0]["lr"])
+    path = tmp_path / "np.pt"
+    torch.save({"optimizer": state, "scheduler": sched.state_dict()}, path)
+    ckpt = ckpttool.load(path)
+    lr = ckpt.optimizers[0].groups[0].lr
+    assert type(lr) is float and lr == float(state["param_groups"][0]["lr"])
+    assert "lr-mismatch" not in {f.code for f in ckpt.findings}

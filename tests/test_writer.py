@@ -452,6 +452,17 @@ def test_opaque_values_from_any_pickle_protocol(tmp_path, protocol):
         assert loaded["keyword"].size == 3 and loaded["nested"] is Keyword.Inner
 
 
+def test_builtin_values_read_as_values_and_are_written_back_exactly(tmp_path):
+    # torch.save (pickle protocol 2) names these __builtin__.frozenset, __builtin__.complex ...
+    src, out = tmp_path / "in.pt", tmp_path / "out.pt"
+    values = {"fs": frozenset({3}), "c": 1 + 2j, "ba": bytearray(b"x\xff"), "s": {1},
+              "sl": slice(1, 2)}
+    torch.save(values, src)
+    ckpt, _, back = rewrite(src, out)
+    assert ckpt.root == back.root == values
+    assert zipfile.ZipFile(out).read("in/data.pkl") == zipfile.ZipFile(src).read("in/data.pkl")
+
+
 def test_compressed_records_are_refused_and_nothing_is_written(tmp_path):
     src, repacked, out = tmp_path / "in.pt", tmp_path / "repacked.pt", tmp_path / "out.pt"
     torch.save({"w": torch.zeros(1000), "lr": 0.1}, src)
