@@ -194,14 +194,26 @@ def reschedule(source, output, in_place, spec, sets, lrs, scale_lr, step, device
 
     if not dry_run and bool(output) == bool(in_place):
         raise click.UsageError("give exactly one of -o OUT and --in-place (or --dry-run)")
+    from ckpttool import inspection
+
     progress = None if quiet else _progress_bar("replaying")
-    plan = core.reschedule(source, scheduler=spec, sets=sets, lr=lrs, scale_lr=scale_lr,
-                           step=step, device=device, optimizer=optimizer, momentum=momentum,
-                           scheduler_key=scheduler_key, progress=progress)
-    saved = None
+    ckpt = inspection.load(source)
+    staged = None  # the big tensor records are copied while torch loads and the replay runs
     if not dry_run:
-        saved = (plan.save_in_place(backup=not no_backup, force=force) if in_place
-                 else plan.save(output, force=force))
+        staged = core.start_output(ckpt, core.in_place_path(source) if in_place else output,
+                                   optimizer=optimizer, force=force or in_place)
+    try:
+        plan = core.reschedule(ckpt, scheduler=spec, sets=sets, lr=lrs, scale_lr=scale_lr,
+                               step=step, device=device, optimizer=optimizer, momentum=momentum,
+                               scheduler_key=scheduler_key, progress=progress)
+        saved = None
+        if not dry_run:
+            saved = (plan.save_in_place(backup=not no_backup, force=force, staged=staged)
+                     if in_place else plan.save(output, force=force, staged=staged))
+    except BaseException:
+        if staged is not None:
+            staged.abort()
+        raise
     if as_json:
         click.echo(render.dumps(render.reschedule_dict(plan, saved)))
     else:

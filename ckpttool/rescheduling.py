@@ -81,8 +81,13 @@ class Rescheduled:
             _tree_differs(self.old_state, self.new_state))
 
     def save(self, path: str | os.PathLike, *, force: bool = False,
-             verify_steps: int = DEFAULT_VERIFY_STEPS, progress=None) -> SaveResult:
+             verify_steps: int = DEFAULT_VERIFY_STEPS, progress=None,
+             staged: Any = None) -> SaveResult:
         """Write the rewritten checkpoint atomically to ``path`` and verify the resume.
+
+        ``staged`` is a :class:`ckpttool.serialization.StagedWrite` to ``path`` started by
+        :func:`start_output` before the replay, so that the big tensor records were being copied
+        meanwhile.
 
         Raises:
             CkptToolError: ``path`` exists (without ``force``), the write failed (nothing is
@@ -91,11 +96,9 @@ class Rescheduled:
         from ckpttool.serialization import write_checkpoint
 
         path = os.fspath(path)
-        if os.path.exists(path) and not force:
-            raise StateError(f"{path} exists; pass --force to overwrite it, or choose another -o")
-        if os.path.abspath(path) == os.path.abspath(self.source.path) and not force:
-            raise StateError("the output is the input; use --in-place")
-        write_checkpoint(self.source.file, self.root, path, progress=progress)
+        _check_output(self.source, path, force)
+        if staged is None or staged.finish(self.root) is None:
+            write_checkpoint(self.source.file, self.root, path, progress=progress)
         try:
             verdict = self.verify(path, verify_steps)
         except BaseException:
@@ -107,7 +110,8 @@ class Rescheduled:
                              f"({verdict}); nothing was written")
         return SaveResult(path, verify_steps if self.semantics == "replay" else 0)
 
-    def save_in_place(self, *, backup: bool = True, force: bool = False) -> SaveResult:
+    def save_in_place(self, *, backup: bool = True, force: bool = False,
+                      staged: Any = None) -> SaveResult:
         """Rewrite the source file itself: the new file is written and verified beside it, then
         the source becomes ``SOURCE.bak`` (unless ``backup=False``) and the new file takes its
         name. At every moment one complete copy of the data exists under a known name."""
@@ -115,16 +119,15 @@ class Rescheduled:
         bak = src + ".bak"
         if backup and os.path.exists(bak) and not force:
             raise StateError(f"{bak} exists; pass --force to replace that backup, or move it")
-        folder, name = os.path.split(os.path.abspath(src))
-        staged = os.path.join(folder, f".{name}.ckpttool-new")
-        result = self.save(staged, force=True)
+        staged_path = in_place_path(src)
+        result = self.save(staged_path, force=True, staged=staged)
         try:
             if backup:
                 os.replace(src, bak)
-            os.replace(staged, src)
+            os.replace(staged_path, src)
         except BaseException:
-            if os.path.exists(staged):
-                os.remove(staged)
+            if os.path.exists(staged_path):
+                os.remove(staged_path)
             raise
         return SaveResult(src, result.verified_steps)
 
@@ -155,8 +158,59 @@ class Rescheduled:
         }
 
 
+def in_place_path(source: str) -> str:
+    """Where ``--in-place`` writes the new file before it takes the source's name."""
+    folder, name = os.path.split(os.path.abspath(source))
+    return os.path.join(folder, f".{name}.ckpttool-new")
+
+
+def _check_output(source: Checkpoint, path: str, force: bool) -> None:
+    if os.path.exists(path) and not force:
+        raise StateError(f"{path} exists; pass --force to overwrite it, or choose another -o")
+    if os.path.abspath(path) == os.path.abspath(source.path) and not force:
+        raise StateError("the output is the input; use --in-place")
+
+
+def start_output(source: Checkpoint, path: str | os.PathLike, *, optimizer: str | None = None,
+                 force: bool = False) -> Any:
+    """Start copying the tensor records that a reschedule of ``optimizer`` cannot change into
+    ``path``, before the replay (which imports torch) runs; pass the result to
+    :meth:`Rescheduled.save`. None where nothing can be staged (a legacy file; no storages).
+
+    The records kept are the input's storages, in the order its pickle names them, up to the
+    first one inside the param groups or the scheduler that the rewrite replaces.
+    """
+    from ckpttool.layout import find_states
+    from ckpttool.serialization import StagedWrite, TensorRef, walk
+
+    path = os.fspath(path)
+    _check_output(source, path, force)
+    file = source.file
+    if file.kind != "torch-zip" or not file.storage_order:
+        return None
+    opt = _choose_optimizer(source, optimizer)
+    sched = _paired_scheduler(source, opt)
+    paths = {site.location: site.path for site in sum(find_states(file.root), [])}
+    changing: set[str] = set()
+    for subtree in [paths[opt.location] + ("param_groups",)] + (
+            [paths[sched.location]] if sched is not None else []):
+        node = file.root
+        for key in subtree:
+            node = node[key]
+        changing.update(v.storage.key for _, v in walk(node)
+                        if isinstance(v, TensorRef) and v.storage is not None)
+    keep = []
+    for key in file.storage_order:
+        if key in changing:
+            break
+        keep.append(key)
+    return StagedWrite(file, path, keep) if keep else None
+
+
 @dataclass(frozen=True)
 class SaveResult:
+    """Where a rewrite was written, and how many resumed steps were verified bit for bit."""
+
     path: str
     verified_steps: int
 

@@ -48,7 +48,7 @@ import zipfile
 import zlib
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -787,6 +787,8 @@ class SafeUnpickler(pickle.Unpickler):
         super().__init__(file, encoding="utf-8")
         self.legacy = legacy
         self.globals_seen: list[str] = []
+        # storage keys in the order the pickle first names them (torch.load lays records so)
+        self.storage_seen: dict[str, None] = {}
         self._file = file
 
     def load(self) -> Any:
@@ -841,7 +843,10 @@ class SafeUnpickler(pickle.Unpickler):
             if type(numel) is not int or numel < 0:
                 raise pickle.UnpicklingError(f"a storage size that is not a non-negative int "
                                              f"(a {type(numel).__name__})")
-            return StorageRef(str(key), dtype, location, numel, type_name)
+            ref = StorageRef(str(key), dtype, location, numel, type_name)
+            if ref.key not in self.storage_seen:
+                self.storage_seen[ref.key] = None
+            return ref
         if tag == "module":  # legacy files may pickle whole nn.Module source; never run it
             return opaque_class("torch.serialization", "module_source")(*pid[1:2])
         raise pickle.UnpicklingError("unknown persistent id type "
@@ -879,6 +884,8 @@ class TorchFile:
     zip_prefix: str | None = None  # "archive/" part of the zip record names
     # storage key -> (absolute file offset of its first byte, byte length)
     storage_spans: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # zip: storage keys in the order the pickle first names them
+    storage_order: tuple[str, ...] = ()
 
     def read_storage(self, storage: StorageRef, start: int = 0, length: int | None = None) -> bytes:
         """Bytes of one storage record (or a slice of it), read on demand."""
@@ -1048,7 +1055,7 @@ def _read_zip(path: str, size: int) -> TorchFile:
                     key = info.filename[len(data_prefix):]
                     spans[key] = (_zip_data_offset(f, info), info.file_size)
     return TorchFile(path, "torch-zip", root, unpickler.globals_seen, size, byteorder, prefix,
-                     spans)
+                     spans, tuple(unpickler.storage_seen))
 
 
 def _refuse_packed(path: str, info: zipfile.ZipInfo) -> None:
@@ -1861,14 +1868,10 @@ def _zip_end(central: list[bytes], offset: int) -> bytes:
                           min(len(directory), _U32_MAX), min(offset, _U32_MAX), 0))
 
 
-def _zip_pieces(file: TorchFile, storages: _Storages, data_pkl: bytes) -> list:
-    """The output zip as pieces: records in torch.save's order, then the central directory.
-
-    The records keep the input's folder name. (torch.save would name it after the output file;
-    torch.load takes any.) So record names stay as they were, and every copied payload keeps its
-    offset modulo a page (its very offset, when the pickle keeps its length): the kernel copies
-    page onto page, markedly faster than onto a shifted page phase.
-    """
+def _zip_records(file: TorchFile, storages: _Storages, data_pkl: bytes, *,
+                 storages_first: bool = False) -> list[tuple[str, int, int, Any]]:
+    """The output's records as (name, size, crc, payload piece), in torch.save's order, or with
+    the storages first (for a staged write: see :class:`StagedWrite`)."""
     try:
         with zipfile.ZipFile(file.path) as zf:
             infos = {info.filename: info for info in zf.infolist()}
@@ -1883,20 +1886,20 @@ def _zip_pieces(file: TorchFile, storages: _Storages, data_pkl: bytes) -> list:
     if unknown:
         raise CkptToolError(f"{file.path}: the zip holds records torch.save does not write "
                             f"({', '.join(unknown[:3])}); ckpttool does not rewrite it")
-    # (name, size, crc, payload piece); a copied record keeps the CRC the input recorded for
-    # the very same bytes, so 4 GB are not read a second time to checksum them.
-    records: list[tuple[str, int, int, Any]] = []
+    # A copied record keeps the CRC the input recorded for the very same bytes, so 4 GB are not
+    # read a second time to checksum them.
+    head: list[tuple[str, int, int, Any]] = []
+    tensors: list[tuple[str, int, int, Any]] = []
 
-    def add(name: str, data: bytes) -> None:
-        records.append((name, len(data), zlib.crc32(data), data))
+    def small(name: str, data: bytes) -> tuple[str, int, int, Any]:
+        return (name, len(data), zlib.crc32(data), data)
 
-    add("data.pkl", data_pkl)
-    add(".format_version", ZIP_FORMAT_VERSION)
-    add(".storage_alignment", str(STORAGE_ALIGNMENT).encode())
-    add("byteorder", file.byteorder.encode())
+    head += [small("data.pkl", data_pkl), small(".format_version", ZIP_FORMAT_VERSION),
+             small(".storage_alignment", str(STORAGE_ALIGNMENT).encode()),
+             small("byteorder", file.byteorder.encode())]
     for key, source in storages.order:
         if isinstance(source, NewTensor):
-            add(f"data/{key}", _new_bytes(source, file.byteorder))
+            tensors.append(small(f"data/{key}", _new_bytes(source, file.byteorder)))
             continue
         info = infos.get(f"{prefix}data/{source}")
         offset, size = file.storage_spans[source]
@@ -1904,31 +1907,171 @@ def _zip_pieces(file: TorchFile, storages: _Storages, data_pkl: bytes) -> list:
         if (info is None or info.compress_type != zipfile.ZIP_STORED or offset < 0
                 or size != info.file_size or offset + size > file.size):
             raise InputError(f"{file.path}: the record of tensor storage {source!r} is damaged")
-        records.append((f"data/{key}", size, info.CRC, _Span(offset, size)))
-    add("version", version)
-    add(".data/serialization_id", _serialization_id(records))
+        tensors.append((f"data/{key}", size, info.CRC, _Span(offset, size)))
+    tail = [small("version", version)]
+    records = tensors + head + tail if storages_first else head + tensors + tail
+    return records + [small(".data/serialization_id", _serialization_id(records))]
 
-    # When the pickle changes length, every record after it moves. The first storage record's
-    # local header is padded so that its payload keeps its input offset modulo a page, and the
-    # records copied after it follow in step. Only the first: torch.load reads its offset from
-    # its header, but may compute the later ones from miniz's layout rules (64-byte alignment).
-    phases: dict[str, int] = {}
+
+def _first_copied_phase(file: TorchFile, storages: _Storages) -> dict[str, int]:
+    """{record name: payload offset to keep modulo a page} for the first storage record.
+
+    When the layout before it changes length, every record after it moves. Its local header is
+    padded so its payload keeps its input offset modulo a page, and the records copied after it
+    follow in step: the kernel copies page onto page, markedly faster than onto a shifted page
+    phase. Only the first: torch.load reads its offset from its header, but may compute the
+    later ones from miniz's layout rules (64-byte alignment).
+    """
     if storages.order and isinstance(storages.order[0][1], str):
         first_key, source = storages.order[0]
         if file.storage_spans[source][0] % STORAGE_ALIGNMENT == 0:
-            phases[f"data/{first_key}"] = file.storage_spans[source][0]
-    folder = prefix.encode() or b"archive/"
+            return {f"data/{first_key}": file.storage_spans[source][0]}
+    return {}
+
+
+def _lay_out(records: list, folder: bytes, offset: int, phases: dict[str, int],
+             central: list[bytes]) -> tuple[list, int]:
+    """Pieces (local header, payload, descriptor) of ``records`` from ``offset`` on; appends
+    their central directory entries to ``central`` and returns (pieces, end offset)."""
     pieces: list[Any] = []
-    central: list[bytes] = []
-    offset = 0
     for name, size, crc, payload in records:
         local, descriptor, entry = _zip_entry(folder + name.encode(), size, crc, offset,
                                               phases.get(name))
         pieces += [local, payload, descriptor] if descriptor else [local, payload]
         central.append(entry)
         offset += len(local) + size + len(descriptor)
-    pieces.append(_zip_end(central, offset))
-    return [p for p in pieces if not isinstance(p, bytes) or p]
+    return [p for p in pieces if not isinstance(p, bytes) or p], offset
+
+
+def _zip_pieces(file: TorchFile, storages: _Storages, data_pkl: bytes) -> list:
+    """The output zip as pieces: records in torch.save's order, then the central directory.
+
+    The records keep the input's folder name. (torch.save would name it after the output file;
+    torch.load takes any.) So record names stay as they were, and every copied payload keeps its
+    offset modulo a page (its very offset, when the pickle keeps its length).
+    """
+    records = _zip_records(file, storages, data_pkl)
+    central: list[bytes] = []
+    pieces, end = _lay_out(records, (file.zip_prefix or "").encode() or b"archive/", 0,
+                           _first_copied_phase(file, storages), central)
+    return pieces + [_zip_end(central, end)]
+
+
+class StagedWrite:
+    """A zip rewrite that copies the big unchanged tensor records while the new tree is still
+    being computed (``ckpttool reschedule`` imports torch and replays the schedule meanwhile).
+
+    ``keep`` are input storage keys, in the order the input's pickle names them, that the new
+    tree will name first and in this order (the caller knows which subtrees it replaces). A
+    thread copies their records to the head of the output at once. :meth:`finish` then appends
+    the other storages, ``data.pkl`` and the small records, and the central directory. The
+    storages stay contiguous in the order the new pickle names them, first "0", which is what
+    torch.load's offset arithmetic (``map_location="meta"``, ``calculate_storage_offsets``)
+    assumes; where the new pickle does not name ``keep`` first, :meth:`finish` returns None and
+    the caller writes the plain way. The output appears atomically, as with
+    :func:`write_checkpoint`; :meth:`abort` leaves nothing behind.
+
+    Example:
+        >>> staged = StagedWrite(ckpt, "out.pt", list(ckpt.storage_order))   # doctest: +SKIP
+        >>> written = staged.finish(new_root) or write_checkpoint(ckpt, new_root, "out.pt")
+    """
+
+    def __init__(self, file: TorchFile, out_path: str | os.PathLike, keep: list[str]):
+        if file.kind != "torch-zip":
+            raise CkptToolError("only zip checkpoints can be written in stages")
+        self.file, self.out_path, self.keep = file, os.fspath(out_path), list(keep)
+        self.folder = (file.zip_prefix or "").encode() or b"archive/"
+        self._stack = ExitStack()
+        self._out = self._stack.enter_context(atomic_output(self.out_path))
+        self._src = self._stack.enter_context(open(file.path, "rb"))
+        self._central: list[bytes] = []
+        self._staged: list[tuple[str, int, int]] = []
+        self._offset = 0
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._copy, name="ckpttool-staged-copy",
+                                        daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        try:
+            with zipfile.ZipFile(self.file.path) as zf:
+                infos = {info.filename: info for info in zf.infolist()}
+            prefix = self.file.zip_prefix or ""
+            copier = _Copier(lambda n: None)
+            for i, key in enumerate(self.keep):
+                info = infos.get(f"{prefix}data/{key}")
+                offset, size = self.file.storage_spans[key]
+                if (info is None or info.compress_type != zipfile.ZIP_STORED or offset < 0
+                        or size != info.file_size or offset + size > self.file.size):
+                    raise InputError(f"{self.file.path}: the record of tensor storage {key!r} "
+                                     "is damaged")
+                phase = offset if i == 0 and offset % STORAGE_ALIGNMENT == 0 else None
+                local, descriptor, entry = _zip_entry(self.folder + f"data/{key}".encode(),
+                                                      size, info.CRC, self._offset, phase)
+                _write_all(self._out.fileno(), local)
+                copier.copy(self._src.fileno(), self._out.fileno(), offset, size)
+                _write_all(self._out.fileno(), descriptor)
+                self._central.append(entry)
+                self._staged.append((f"data/{key}", size, info.CRC))
+                self._offset += len(local) + size + len(descriptor)
+        except BaseException as e:  # re-raised in the caller's thread by finish()
+            self._error = e
+
+    def finish(self, root: Any) -> WrittenCheckpoint | None:
+        """Complete the file with the new tree ``root``; None when it cannot be completed in
+        stages (then the staged copy is already discarded)."""
+        self._thread.join()
+        if self._error is not None:
+            self.abort()
+            raise self._error
+        try:
+            storages = _Storages(self.file.storage_spans, legacy=False)
+            data_pkl = _pickle_tree(root, storages)
+            named = [(k, s) for k, s in storages.order]
+            if (not named or named[0][0] != "0"
+                    or [(k, s) for k, s in named[:len(self.keep)]] != [(k, k) for k in self.keep]):
+                self.abort()
+                return None
+            for key, needed in storages.needed.items():
+                if key not in self.file.storage_spans or self.file.storage_spans[key][1] < needed:
+                    raise InputError(f"{self.file.path}: tensor storage {key!r} is missing from "
+                                     "the file or shorter than its tensors")
+            records = _zip_records(self.file, storages, data_pkl, storages_first=True)
+            if [r[:3] for r in records[:len(self._staged)]] != self._staged:
+                self.abort()
+                return None
+            pieces, end = _lay_out(records[len(self._staged):], self.folder, self._offset, {},
+                                   self._central)
+            copier = _Copier(lambda n: None)
+            for piece in pieces + [_zip_end(self._central, end)]:
+                if isinstance(piece, bytes):
+                    _write_all(self._out.fileno(), piece)
+                else:
+                    copier.copy(self._src.fileno(), self._out.fileno(), piece.offset, piece.size)
+        except BaseException:
+            self.abort()
+            raise
+        try:
+            self._stack.close()  # fsync, rename into place, fsync the folder
+        except OSError as e:
+            raise CkptToolError(f"{self.out_path}: cannot write the checkpoint "
+                                f"({e.strerror or e}); nothing was written") from None
+        copied = {s: k for k, s in storages.order if isinstance(s, str)}
+        return WrittenCheckpoint(self.out_path, self.file.kind, end, copied,
+                                 tuple(k for k, s in storages.order if not isinstance(s, str)),
+                                 tuple(k for k in self.file.storage_spans if k not in copied))
+
+    def abort(self) -> None:
+        """Stop and remove the partial output (the target path is untouched)."""
+        self._thread.join()
+        try:
+            raise _Aborted()
+        except _Aborted:
+            self._stack.__exit__(*sys.exc_info())
+
+
+class _Aborted(Exception):
+    """Raised into the atomic output's context to make it discard the temporary file."""
 
 
 def _serialization_id(records: list[tuple[str, int, int, Any]]) -> bytes:

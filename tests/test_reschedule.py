@@ -565,3 +565,63 @@ def test_an_ambiguous_pairing_is_refused_not_guessed(tmp_path):
     assert ckpttool.load(path).schedulers[0].optimizer is None
     with pytest.raises(CkptToolError, match="will not guess"):
         ckpttool.reschedule(path, optimizer="first", scale_lr=0.5)
+
+
+def _meta_offsets_are_true(path) -> int:
+    from ckpttool.serialization import TensorRef
+
+    meta = torch.load(path, weights_only=True, map_location="meta")
+    file = read_checkpoint(path)
+    checked = 0
+
+    def visit(a, b):
+        nonlocal checked
+        if isinstance(b, TensorRef):
+            assert a.untyped_storage()._checkpoint_offset == file.storage_spans[b.storage.key][0]
+            checked += 1
+        elif isinstance(b, dict):
+            for k in b:
+                visit(a[k], b[k])
+        elif isinstance(b, (list, tuple)):
+            for x, y in zip(a, b):
+                visit(x, y)
+
+    visit(meta, file.root)
+    return checked
+
+
+@pytest.mark.parametrize("fixture, args", [
+    ("adamw_cosine.pt", ["--set", "T_max=20000"]),
+    ("tensor_lr.pt", ["--set", "T_max=50"]),
+    ("layouts/lightning.ckpt", ["--scale-lr", "0.5"]),
+    ("schedulers/OneCycleLR.pt", ["--set", "total_steps=60"]),
+])
+def test_cli_writes_in_stages_and_the_layout_stays_torchs(run_cli, tmp_path, fixture, args):
+    out = tmp_path / "out.pt"
+    result = run_cli("reschedule", FIXTURES / fixture, "-o", out, *args)
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert _meta_offsets_are_true(out) > 0
+    # Same content as the one-stage writer gives.
+    plan_out = tmp_path / "plain.pt"
+    plan = ckpttool.reschedule(FIXTURES / fixture, sets=[a for a in args[1::2] if "=" in a]
+                               if args[0] == "--set" else (),
+                               scale_lr=float(args[1]) if args[0] == "--scale-lr" else None)
+    plan.save(plan_out)
+    a, b = torch.load(out, weights_only=True), torch.load(plan_out, weights_only=True)
+    assert same(_plainly(a), _plainly(b))
+
+
+def _plainly(tree):
+    if isinstance(tree, dict):
+        return {k: _plainly(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_plainly(v) for v in tree]
+    return tree
+
+
+def test_a_failure_after_staging_leaves_nothing_behind(run_cli, tmp_path):
+    out = tmp_path / "out.pt"
+    result = run_cli("reschedule", FIXTURES / "adamw_cosine.pt", "-o", out,
+                     "--scheduler", "OneCycleLR(max_lr=0.1, total_steps=5)")
+    assert result.exit_code == EXIT_ERROR and "total_steps" in result.stderr
+    assert list(tmp_path.iterdir()) == []
