@@ -37,6 +37,7 @@ import errno
 import hashlib
 import io
 import itertools
+import math
 import os
 import pickle
 import secrets
@@ -212,10 +213,7 @@ class TensorRef(_Sealed):
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def itemsize(self) -> int:
@@ -1279,10 +1277,7 @@ class NewTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def itemsize(self) -> int:
