@@ -1,4 +1,4 @@
-"""ckpttool: inspect, diff and safely reschedule optimizer and LR-scheduler state in PyTorch
+"""ckpttool: inspect and safely reschedule optimizer and LR-scheduler state in PyTorch
 checkpoints.
 
 The package imports no torch at import time; only replays (``verify``, ``reschedule``) do.

@@ -31,6 +31,9 @@ class _Group(click.Group):
         except click.Abort:
             _error("interrupted")
             code = EXIT_ERROR
+        except click.exceptions.NoArgsIsHelpError as e:  # bare `ckpttool`: the help, as help
+            click.echo(e.ctx.get_help())
+            code = EXIT_OK
         except click.ClickException as e:
             hint = ""
             if isinstance(e, click.UsageError) and e.ctx is not None:
@@ -90,7 +93,7 @@ def _error(message: str) -> None:
 @click.version_option(__version__, "--version", prog_name="ckpttool")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def cli(debug: bool) -> None:
-    """Inspect, diff and safely reschedule the optimizer and LR-scheduler state saved in
+    """Inspect and safely reschedule the optimizer and LR-scheduler state saved in
     PyTorch checkpoints.
 
     \b

@@ -257,12 +257,13 @@ def reschedule_dict(plan: Any, saved: Any = None) -> dict:
     """The ``ckpttool.reschedule/1`` document."""
     doc = plan.to_dict()
     doc["output"] = saved.path if saved is not None else None
+    doc["backup"] = saved.backup if saved is not None else None
     doc["verified_steps"] = saved.verified_steps if saved is not None else None
     doc["dry_run"] = saved is None
     return doc
 
 
-def _python_call(info: Any) -> str:
+def _python_call(info: Any, factory: str | None = None) -> str:
     """The constructor as Python source (``lr_scheduler`` being ``torch.optim.lr_scheduler``),
     with the optimizer passed where torch wants it."""
     from dataclasses import replace
@@ -270,7 +271,8 @@ def _python_call(info: Any) -> str:
     from ckpttool.schedulers import format_call
 
     if info is None:
-        return "your_factory(optimizer)"
+        return f"{(factory or 'your_factory').rpartition(':')[2]}(optimizer)  # from {factory}" \
+            if factory else "your_factory(optimizer)"
     args = format_call(replace(info, children=()))[len(info.cls) + 1:-1]
     args = args.replace("schedulers=[], ", "").replace("schedulers=[]", "")
     if info.cls == "ChainedScheduler":
@@ -316,10 +318,18 @@ def reschedule_text(plan: Any, saved: Any = None) -> str:
             f"verified: a fresh optimizer and scheduler loaded from {saved.path} follow the "
             f"replay bit for bit for the next {saved.verified_steps} steps"
             if saved.verified_steps else f"verified: {saved.path} reads back as planned")
+    if saved is not None and saved.backup:
+        lines.append(f"backup: the original is now {saved.backup}")
+    target = saved.path if saved is not None else "OUT"
     lines += ["", "Resume with the new schedule in this order:",
+              "  import torch",
               "  from torch.optim import lr_scheduler",
+              f"  ckpt = torch.load({target!r}, weights_only=True)",
               "  optimizer = ...  # as before",
-              f"  scheduler = {_python_call(plan.info)}",
+              f"  scheduler = {_python_call(plan.info, plan.factory_text)}",
               f"  optimizer.load_state_dict({_subscript(plan.optimizer_path)})",
               f"  scheduler.load_state_dict({_subscript(plan.scheduler_path)})"]
+    if plan.source.kind == "lightning":
+        lines.append("(Lightning restores both itself when you resume with ckpt_path=...: "
+                     "return this scheduler from configure_optimizers.)")
     return "\n".join(lines) + "\n"

@@ -69,6 +69,7 @@ class Rescheduled:
     notes: tuple[str, ...]
     root: Any = field(repr=False)
     info: SchedulerInfo | None = field(repr=False, default=None)  # None for a factory
+    factory_text: str | None = None  # "my_sched.py:make" when the schedule came from one
     optimizer_path: tuple = ()
     scheduler_path: tuple = ()
     # lrs (and momentum/betas) per group for the steps after the resume point, from the replay
@@ -108,7 +109,9 @@ class Rescheduled:
             os.remove(path)
             raise StateError(f"the rewritten checkpoint does not resume as replayed "
                              f"({verdict}); nothing was written")
-        return SaveResult(path, verify_steps if self.semantics == "replay" else 0)
+        possible = next((i for i, e in enumerate(self.expected) if isinstance(e, tuple)),
+                        len(self.expected))
+        return SaveResult(path, min(verify_steps, possible) if self.semantics == "replay" else 0)
 
     def save_in_place(self, *, backup: bool = True, force: bool = False,
                       staged: Any = None) -> SaveResult:
@@ -129,7 +132,7 @@ class Rescheduled:
             if os.path.exists(staged_path):
                 os.remove(staged_path)
             raise
-        return SaveResult(src, result.verified_steps)
+        return SaveResult(src, result.verified_steps, bak if backup else None)
 
     def verify(self, path: str, steps: int = DEFAULT_VERIFY_STEPS) -> bool | str:
         """Load ``path`` the documented way and compare the next ``steps`` lrs with the replay."""
@@ -165,10 +168,10 @@ def in_place_path(source: str) -> str:
 
 
 def _check_output(source: Checkpoint, path: str, force: bool) -> None:
+    if os.path.abspath(path) == os.path.abspath(source.path):
+        raise StateError("the output is the input; use --in-place (it keeps a backup)")
     if os.path.exists(path) and not force:
         raise StateError(f"{path} exists; pass --force to overwrite it, or choose another -o")
-    if os.path.abspath(path) == os.path.abspath(source.path) and not force:
-        raise StateError("the output is the input; use --in-place")
 
 
 def start_output(source: Checkpoint, path: str | os.PathLike, *, optimizer: str | None = None,
@@ -213,6 +216,7 @@ class SaveResult:
 
     path: str
     verified_steps: int
+    backup: str | None = None  # --in-place: where the original now is
 
 
 LOAD_ORDER = ("optimizer = Opt(params, ...); scheduler = <new constructor line>(optimizer); "
@@ -418,13 +422,26 @@ def reschedule(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None,
                 g["betas"] = (momentum, *tuple(g["betas"])[1:])
             elif "momentum" in g:
                 g["momentum"] = momentum
+    elif momentum is not None:
+        notes.append("--momentum was not applied: it sets the momentum to leave when the old "
+                     "schedule cycled it and the new one does not")
     elif cycled_before and not cycles_now:
         key = "betas" if "betas" in groups[0] else "momentum"
         notes.append(f"the old schedule cycled {key}; the current value "
                      f"{_plain(groups[0].get(key))!r} stays (set it with --momentum)")
     new_groups, changes = _rewrite_groups(opt, groups, stand_in.param_groups,
                                           cycles_now or overridden)
+    notes += _position_and_jump_notes(opt, step, changes)
     expected = [] if target_cls == PLATEAU else _continue(sched, stand_in, DEFAULT_VERIFY_STEPS)
+    ends = next((i for i, e in enumerate(expected) if isinstance(e, tuple)), None)
+    if ends is not None:
+        shown = format_call(target) if target is not None else "the new schedule"
+        if ends == 0:
+            raise StateError(f"{shown} ends at step {step}: a run resumed from it raises at its "
+                             f"first step ({expected[0][1]}); give it a longer horizon (e.g. "
+                             "--set total_steps=...)")
+        notes.append(f"{shown} ends {ends} step{'s' if ends > 1 else ''} after the resume "
+                     f"point: the resumed run raises at step {step + ends + 1}")
 
     root = file.root
     opt_path = _path_of(ckpt, opt.location)
@@ -444,10 +461,12 @@ def reschedule(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None,
                              "another --scheduler-key")
         sched_path = parent + (scheduler_key,)
     root = _set_at(root, sched_path, new_state)
-    new_call = format_call(target) if target is not None else f"{type(sched).__name__} (factory)"
+    new_call = (format_call(target) if target is not None
+                else f"{type(sched).__name__} from {scheduler if isinstance(scheduler, str) else 'a factory'}")
     return Rescheduled(ckpt, opt.location, "/".join(str(p) for p in sched_path),
                        old.call if old else None, new_call, "replay", step, tuple(changes),
                        old.state if old else None, new_state, tuple(notes), root, target,
+                       scheduler if isinstance(scheduler, str) and target is None else None,
                        opt_path, sched_path, expected, rebuild)
 
 
@@ -584,6 +603,23 @@ def _rewrite_groups(opt: OptimizerInfo, groups: list, replayed: list,
     return new_groups if isinstance(stored_groups, list) else type(stored_groups)(new_groups), changes
 
 
+def _position_and_jump_notes(opt: OptimizerInfo, step: int, changes: list) -> list[str]:
+    """What a user must know that the table does not shout: the resume position moved away
+    from the optimizer's own step count, or an lr jumps by more than 2x at the resume."""
+    notes = []
+    if isinstance(opt.step, (int, float)) and opt.step == opt.step and int(opt.step) != step:
+        notes.append(f"the schedule now resumes at step {step} while the optimizer has taken "
+                     f"{int(opt.step)} steps: resume your training loop's counter at {step}")
+    for change in changes:
+        old, new = change.changes.get("lr", (None, None))
+        if isinstance(old, float) and isinstance(new, float) and old > 0 and new > 0 and (
+                new / old > 2 or old / new > 2):
+            notes.append(f"group {change.index}'s lr jumps from {old!r} to {new!r} "
+                         f"({new / old:.3g}x) at the resume step")
+            break
+    return notes
+
+
 def _continue(sched: Any, optimizer: Any, steps: int) -> list:
     """The next ``steps`` lrs (and momentum/betas) per group, by stepping on from the replay.
 
@@ -639,5 +675,5 @@ def _plateau_in_place(ckpt, opt, old, groups, old_state, target, lr, scale_lr, n
     root = _set_at(root, sched_path, new_state)
     return Rescheduled(ckpt, opt.location, old.location, old.call, format_call(target),
                        "plateau-in-place", int(old_state.get("last_epoch", 0)), tuple(changes),
-                       old.state, new_state, tuple(notes), root, target,
+                       old.state, new_state, tuple(notes), root, target, None,
                        _path_of(ckpt, opt.location), sched_path, [], None)

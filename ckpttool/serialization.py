@@ -1235,6 +1235,8 @@ _ZIP_HAS_DESCRIPTOR = 0x0008  # bit 3: CRC and sizes follow the data (miniz's st
 _COPY_CHUNK = 64 << 20
 # copy_file_range copies page onto page markedly faster (35-60%) than onto a shifted page phase.
 _PAGE_SIZE = 4096
+# Below this many copied bytes the page phase saves nothing worth up to 4 KB of padding.
+_PHASE_MIN_BYTES = 64 << 20
 
 # dtype -> typed storage class torch.save names for it (torch.storage._dtype_to_storage_type_map).
 # Quantized dtypes are left out: their tensors pickle through another rebuilder.
@@ -1917,7 +1919,8 @@ def _first_copied_phase(file: TorchFile, storages: _Storages) -> dict[str, int]:
     phase. Only the first: torch.load reads its offset from its header, but may compute the
     later ones from miniz's layout rules (64-byte alignment).
     """
-    if storages.order and isinstance(storages.order[0][1], str):
+    copied = sum(file.storage_spans[s][1] for _, s in storages.order if isinstance(s, str))
+    if copied >= _PHASE_MIN_BYTES and storages.order and isinstance(storages.order[0][1], str):
         first_key, source = storages.order[0]
         if file.storage_spans[source][0] % STORAGE_ALIGNMENT == 0:
             return {f"data/{first_key}": file.storage_spans[source][0]}
@@ -1993,6 +1996,7 @@ class StagedWrite:
                 infos = {info.filename: info for info in zf.infolist()}
             prefix = self.file.zip_prefix or ""
             copier = _Copier(lambda n: None)
+            big = sum(self.file.storage_spans[k][1] for k in self.keep) >= _PHASE_MIN_BYTES
             for i, key in enumerate(self.keep):
                 info = infos.get(f"{prefix}data/{key}")
                 offset, size = self.file.storage_spans[key]
@@ -2000,7 +2004,7 @@ class StagedWrite:
                         or size != info.file_size or offset + size > self.file.size):
                     raise InputError(f"{self.file.path}: the record of tensor storage {key!r} "
                                      "is damaged")
-                phase = offset if i == 0 and offset % STORAGE_ALIGNMENT == 0 else None
+                phase = offset if big and i == 0 and offset % STORAGE_ALIGNMENT == 0 else None
                 local, descriptor, entry = _zip_entry(self.folder + f"data/{key}".encode(),
                                                       size, info.CRC, self._offset, phase)
                 _write_all(self._out.fileno(), local)

@@ -433,16 +433,24 @@ class _Walker:
     def arguments(self, cls: str, call: ast.Call, at: str) -> dict[str, ast.expr]:
         """Argument name -> value node, positional ones named by torch's order."""
         names = [name for name, _ in SIGNATURES[cls]]
-        if len(call.args) > len(names):
+        # The constructor line ckpttool prints passes the optimizer (first, or as
+        # optimizer=optimizer for ChainedScheduler); pasted back, it is simply left out.
+        args = list(call.args)
+        if args and isinstance(args[0], ast.Name) and args[0].id in _OPTIMIZER_NAMES:
+            args = args[1:]
+        keywords = [k for k in call.keywords if not (
+            k.arg == "optimizer" and isinstance(k.value, ast.Name)
+            and k.value.id in _OPTIMIZER_NAMES)]
+        if len(args) > len(names):
             raise self.error(f"{cls} takes at most {len(names)} positional argument"
                              f"{'s' if len(names) > 1 else ''} besides the optimizer "
-                             f"({', '.join(names)}); got {len(call.args)}", at)
+                             f"({', '.join(names)}); got {len(args)}", at)
         nodes: dict[str, ast.expr] = {}
-        for name, node in zip(names, call.args):
+        for name, node in zip(names, args):
             if isinstance(node, ast.Starred):
                 raise self.refuse(node, at=at)
             nodes[name] = node
-        for keyword in call.keywords:
+        for keyword in keywords:
             if keyword.arg is None:
                 raise self.refuse(keyword, "** unpacking", at=at)
             if keyword.arg in _SET_BY_RECOMPUTE:
@@ -500,7 +508,7 @@ children=(), unrecoverable=(), candidates=(), missing=(), notes=())
         >>> parse_spec("hf:linear(num_warmup_steps=100, num_training_steps=2000)")
         HFSpec(name='linear', args={'num_warmup_steps': 100, 'num_training_steps': 2000})
     """
-    spec = text.strip()
+    spec = re.sub(r"^\s*[A-Za-z_]\w*\s*=(?!=)\s*", "", text).strip()  # "scheduler = X(...)" pasted
     if not spec:
         raise SpecError(f"SPEC is empty; {_FORMS_HINT}")
     if spec.startswith("hf:"):

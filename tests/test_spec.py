@@ -204,8 +204,8 @@ REFUSALS = [
     ("CosineAnnealingLR", "call it with its arguments"),
     # what the recompute sets
     ("CosineAnnealingLR(T_max=3, last_epoch=10)", "last_epoch is not an argument.*--step N"),
-    ("StepLR(optimizer=opt, step_size=1)", "optimizer is not an argument"),
-    ("StepLR(optimizer, 1)", "refused the name 'optimizer'.*checkpoint's optimizer"),
+    ("StepLR(optimizer=0.1, step_size=1)", "optimizer is not an argument"),
+    ("StepLR(1, optimizer)", "refused the name 'optimizer'.*checkpoint's optimizer"),
     # nesting
     ("StepLR(step_size=StepLR(step_size=1))", "scheduler calls go only in schedulers="),
     ("SequentialLR(schedulers=[LinearLR(), CosineAnnealingLR()], milestones=[5])",
@@ -519,3 +519,16 @@ def test_lr_options():
 def test_lr_option_errors(lr, scale, message):
     with pytest.raises(SpecError, match=message):
         parse_lr_options(lr, scale, 3, [0.1, 0.2, 0.3])
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("lr_scheduler.CosineAnnealingLR(optimizer, T_max=100, eta_min=1e-05)",
+     "CosineAnnealingLR(T_max=100, eta_min=1e-05)"),
+    ("scheduler = lr_scheduler.StepLR(optimizer, 3)", "StepLR(step_size=3)"),
+    ("lr_scheduler.ChainedScheduler([lr_scheduler.ConstantLR(optimizer, factor=0.5), "
+     "lr_scheduler.ExponentialLR(optimizer, gamma=0.9)], optimizer=optimizer)",
+     "ChainedScheduler(schedulers=[ConstantLR(factor=0.5), ExponentialLR(gamma=0.9)])"),
+])
+def test_the_printed_constructor_line_reads_back(text, expected):
+    """`reschedule` prints the line for the training script; pasted into --scheduler it works."""
+    assert format_call(parse_spec(text)) == expected

@@ -71,13 +71,27 @@ def run(cmd: list[str]) -> tuple[float, int]:
     return wall, usage.ru_maxrss * 1024
 
 
-def compare(ours: list[str], baseline: list[str], repeats: int = 5) -> dict:
-    """Alternate the two commands `repeats` times; medians, their ratio, peak RSS."""
+def settle() -> None:
+    """Flush the previous run's dirty pages to disk (untimed), so a command that writes gigabytes
+    is not charged for the writeback of the one before it."""
+    os.sync()
+    time.sleep(1.0)
+
+
+def compare(ours: list[str], baseline: list[str], repeats: int = 5, *,
+            writes: bool = False) -> dict:
+    """Alternate the two commands `repeats` times; medians, their ratio, peak RSS.
+
+    With ``writes``, every timed run starts from a settled disk (:func:`settle`)."""
     a, b, rss_a, rss_b = [], [], [], []
     run(ours), run(baseline)  # warm the page cache for both
     for _ in range(repeats):
+        if writes:
+            settle()
         t, r = run(ours)
         a.append(t), rss_a.append(r)
+        if writes:
+            settle()
         t, r = run(baseline)
         b.append(t), rss_b.append(r)
     ma, mb = statistics.median(a), statistics.median(b)
