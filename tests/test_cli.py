@@ -269,3 +269,10 @@ def test_show_never_fails_but_with_one_line(tmp_path_factory, run_cli, data):
         lines = result.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith("ckpttool: error: "), result.stderr
         assert "internal error" not in lines[0], lines[0]
+
+
+def test_bare_ckpttool_prints_the_help(run_cli):
+    result = run_cli()
+    assert result.exit_code == EXIT_OK
+    assert result.stdout.startswith("Usage: ") and "reschedule" in result.stdout
+    assert result.stderr == ""

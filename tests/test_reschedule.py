@@ -625,3 +625,38 @@ def test_a_failure_after_staging_leaves_nothing_behind(run_cli, tmp_path):
                      "--scheduler", "OneCycleLR(max_lr=0.1, total_steps=5)")
     assert result.exit_code == EXIT_ERROR and "total_steps" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_schedule_that_ends_soon_says_so_and_verifies_only_what_it_can(tmp_path):
+    plan = ckpttool.reschedule(FIXTURES / "adamw_cosine.pt",
+                               scheduler="OneCycleLR(max_lr=0.01, total_steps=20)")
+    assert any("ends 4 steps after the resume point" in n for n in plan.notes)
+    assert plan.save(tmp_path / "out.pt").verified_steps == 4
+    with pytest.raises(CkptToolError, match="raises at its first step"):
+        ckpttool.reschedule(FIXTURES / "adamw_cosine.pt",
+                            scheduler="OneCycleLR(max_lr=0.01, total_steps=16)")
+
+
+def test_notes_for_what_the_table_does_not_show():
+    plan = ckpttool.reschedule(FIXTURES / "adamw_cosine.pt", step=10, momentum=0.9)
+    assert any("--momentum was not applied" in n for n in plan.notes)
+    assert any("resume your training loop's counter at 10" in n for n in plan.notes)
+    jump = ckpttool.reschedule(FIXTURES / "adamw_cosine.pt", lr=["0.01"])
+    assert any("jumps from" in n for n in jump.notes)
+
+
+def test_output_equal_to_input_points_to_in_place(tmp_path):
+    src = tmp_path / "in.pt"
+    src.write_bytes((FIXTURES / "adamw_cosine.pt").read_bytes())
+    plan = ckpttool.reschedule(src, sets=["T_max=80"])
+    for force in (False, True):
+        with pytest.raises(CkptToolError, match="--in-place"):
+            plan.save(src, force=force)
+
+
+def test_cli_in_place_reports_the_backup(run_cli, tmp_path):
+    src = tmp_path / "in.pt"
+    src.write_bytes((FIXTURES / "adamw_cosine.pt").read_bytes())
+    result = run_cli("reschedule", src, "--in-place", "--set", "T_max=80", "--json")
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert json.loads(result.stdout)["backup"] == f"{src}.bak"
