@@ -79,7 +79,7 @@ class Rescheduled:
     @property
     def changed(self) -> bool:
         return any(g.changes or g.removed for g in self.groups) or self.old_state is None or (
-            _tree_differs(self.old_state, self.new_state))
+            not same(self.old_state, self.new_state))
 
     def save(self, path: str | os.PathLike, *, force: bool = False,
              verify_steps: int = DEFAULT_VERIFY_STEPS, progress=None,
@@ -221,13 +221,6 @@ class SaveResult:
 
 LOAD_ORDER = ("optimizer = Opt(params, ...); scheduler = <new constructor line>(optimizer); "
               "optimizer.load_state_dict(ckpt[...]); scheduler.load_state_dict(ckpt[...])")
-
-
-def _tree_differs(a: Any, b: Any) -> bool:
-    try:
-        return a != b
-    except Exception:  # tensors compare element-wise
-        return True
 
 
 def _choose_optimizer(ckpt: Checkpoint, location: str | None) -> OptimizerInfo:
@@ -471,20 +464,18 @@ def reschedule(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None,
 
 
 def _base_of(group: Mapping) -> Any:
-    """The lr a group's schedule starts from: its initial_lr, else the stored base lr, else lr."""
+    """The lr a group's schedule starts from: its initial_lr, else (never scheduled) its lr."""
     if "initial_lr" in group:
         return _plain(group["initial_lr"])
     return _plain(group.get("lr"))
 
 
 def _plain(value: Any) -> Any:
-    try:
-        import torch
+    """A one-element tensor as its Python number (for reports); anything else as it is."""
+    import torch
 
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            return value.item()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
     return value
 
 
