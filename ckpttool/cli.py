@@ -203,8 +203,8 @@ def reschedule(source, output, in_place, spec, sets, lrs, scale_lr, step, device
     ckpt = inspection.load(source)
     staged = None  # the big tensor records are copied while torch loads and the replay runs
     if not dry_run:
-        staged = core.start_output(ckpt, core.in_place_path(source) if in_place else output,
-                                   optimizer=optimizer, force=force or in_place)
+        staged = core.start_output(ckpt, source if in_place else output,
+                                   optimizer=optimizer, force=force)
     try:
         plan = core.reschedule(ckpt, scheduler=spec, sets=sets, lr=lrs, scale_lr=scale_lr,
                                step=step, device=device, optimizer=optimizer, momentum=momentum,

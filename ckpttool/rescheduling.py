@@ -84,34 +84,43 @@ class Rescheduled:
     def save(self, path: str | os.PathLike, *, force: bool = False,
              verify_steps: int = DEFAULT_VERIFY_STEPS, progress=None,
              staged: Any = None) -> SaveResult:
-        """Write the rewritten checkpoint atomically to ``path`` and verify the resume.
+        """Write the rewritten checkpoint to ``path`` and verify the resume, atomically.
 
-        ``staged`` is a :class:`ckpttool.serialization.StagedWrite` to ``path`` started by
-        :func:`start_output` before the replay, so that the big tensor records were being copied
-        meanwhile.
+        The file is written beside ``path`` under a hidden name, verified there, and only then
+        renamed to ``path``: a failed write or verification leaves ``path`` as it was (absent,
+        or the file ``force`` would have replaced). ``staged`` is the
+        :class:`ckpttool.serialization.StagedWrite` that :func:`start_output` began before the
+        replay, so that the big tensor records were being copied meanwhile.
 
         Raises:
-            CkptToolError: ``path`` exists (without ``force``), the write failed (nothing is
-                left behind), or the written file does not resume as replayed (it is removed).
+            CkptToolError: ``path`` exists (without ``force``), the write failed, or the written
+                file does not resume as replayed; in every case nothing is left behind.
         """
-        from ckpttool.serialization import write_checkpoint
-
         path = os.fspath(path)
         _check_output(self.source, path, force)
+        verified = self._write_verified(pending_path(path), verify_steps, progress, staged)
+        os.replace(pending_path(path), path)
+        _fsync_folder_of(path)
+        return SaveResult(path, verified)
+
+    def _write_verified(self, pending: str, verify_steps: int, progress, staged) -> int:
+        """Write to ``pending`` and verify it; on any failure remove it. Returns the steps
+        verified."""
+        from ckpttool.serialization import write_checkpoint
+
         if staged is None or staged.finish(self.root) is None:
-            write_checkpoint(self.source.file, self.root, path, progress=progress)
+            write_checkpoint(self.source.file, self.root, pending, progress=progress)
         try:
-            verdict = self.verify(path, verify_steps)
+            verdict = self.verify(pending, verify_steps)
+            if verdict is not True:
+                raise StateError(f"the rewritten checkpoint does not resume as replayed "
+                                 f"({verdict}); nothing was written")
         except BaseException:
-            os.remove(path)
+            os.remove(pending)
             raise
-        if verdict is not True:
-            os.remove(path)
-            raise StateError(f"the rewritten checkpoint does not resume as replayed "
-                             f"({verdict}); nothing was written")
         possible = next((i for i, e in enumerate(self.expected) if isinstance(e, tuple)),
                         len(self.expected))
-        return SaveResult(path, min(verify_steps, possible) if self.semantics == "replay" else 0)
+        return min(verify_steps, possible) if self.semantics == "replay" else 0
 
     def save_in_place(self, *, backup: bool = True, force: bool = False,
                       staged: Any = None) -> SaveResult:
@@ -122,17 +131,23 @@ class Rescheduled:
         bak = src + ".bak"
         if backup and os.path.exists(bak) and not force:
             raise StateError(f"{bak} exists; pass --force to replace that backup, or move it")
-        staged_path = in_place_path(src)
-        result = self.save(staged_path, force=True, staged=staged)
+        pending = pending_path(src)
+        verified = self._write_verified(pending, DEFAULT_VERIFY_STEPS, None, staged)
         try:
             if backup:
                 os.replace(src, bak)
-            os.replace(staged_path, src)
+            try:
+                os.replace(pending, src)
+            except BaseException:
+                if backup:
+                    os.replace(bak, src)  # put the original back under its own name
+                raise
         except BaseException:
-            if os.path.exists(staged_path):
-                os.remove(staged_path)
+            if os.path.exists(pending):
+                os.remove(pending)
             raise
-        return SaveResult(src, result.verified_steps, bak if backup else None)
+        _fsync_folder_of(src)
+        return SaveResult(src, verified, bak if backup else None)
 
     def verify(self, path: str, steps: int = DEFAULT_VERIFY_STEPS) -> bool | str:
         """Load ``path`` the documented way and compare the next ``steps`` lrs with the replay."""
@@ -161,10 +176,16 @@ class Rescheduled:
         }
 
 
-def in_place_path(source: str) -> str:
-    """Where ``--in-place`` writes the new file before it takes the source's name."""
-    folder, name = os.path.split(os.path.abspath(source))
+def pending_path(target: str) -> str:
+    """Where a rewrite is written and verified before it takes ``target``'s name."""
+    folder, name = os.path.split(os.path.abspath(target))
     return os.path.join(folder, f".{name}.ckpttool-new")
+
+
+def _fsync_folder_of(path: str) -> None:
+    from ckpttool.serialization import fsync_folder
+
+    fsync_folder(os.path.dirname(os.path.abspath(path)))
 
 
 def _check_output(source: Checkpoint, path: str, force: bool) -> None:
@@ -177,7 +198,7 @@ def _check_output(source: Checkpoint, path: str, force: bool) -> None:
 def start_output(source: Checkpoint, path: str | os.PathLike, *, optimizer: str | None = None,
                  force: bool = False) -> Any:
     """Start copying the tensor records that a reschedule of ``optimizer`` cannot change into
-    ``path``, before the replay (which imports torch) runs; pass the result to
+    the file that will become ``path`` (or, for ``--in-place``, the source), before the replay (which imports torch) runs; pass the result to
     :meth:`Rescheduled.save`. None where nothing can be staged (a legacy file; no storages).
 
     The records kept are the input's storages, in the order its pickle names them, up to the
@@ -187,7 +208,8 @@ def start_output(source: Checkpoint, path: str | os.PathLike, *, optimizer: str 
     from ckpttool.serialization import StagedWrite, TensorRef, walk
 
     path = os.fspath(path)
-    _check_output(source, path, force)
+    if os.path.abspath(path) != os.path.abspath(source.path):  # --in-place passes the source
+        _check_output(source, path, force)
     file = source.file
     if file.kind != "torch-zip" or not file.storage_order:
         return None
@@ -207,7 +229,7 @@ def start_output(source: Checkpoint, path: str | os.PathLike, *, optimizer: str 
         if key in changing:
             break
         keep.append(key)
-    return StagedWrite(file, path, keep) if keep else None
+    return StagedWrite(file, pending_path(path), keep) if keep else None
 
 
 @dataclass(frozen=True)

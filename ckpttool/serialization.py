@@ -1694,10 +1694,10 @@ def atomic_output(out_path: str | os.PathLike) -> Iterator[io.FileIO]:
         except FileNotFoundError:
             pass
         raise
-    _fsync_folder(folder)
+    fsync_folder(folder)
 
 
-def _fsync_folder(folder: str) -> None:
+def fsync_folder(folder: str) -> None:
     """Make a rename durable (POSIX); folders cannot be opened this way on Windows."""
     if os.name == "nt":
         return

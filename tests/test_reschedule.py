@@ -640,3 +640,32 @@ def test_cli_in_place_reports_the_backup(run_cli, tmp_path):
     result = run_cli("reschedule", src, "--in-place", "--set", "T_max=80", "--json")
     assert result.exit_code == EXIT_OK, result.stderr
     assert json.loads(result.stdout)["backup"] == f"{src}.bak"
+
+
+def _failing_verification(monkeypatch):
+    from ckpttool import schedule
+
+    monkeypatch.setattr(schedule, "verify_resume",
+                        lambda plan, file, steps: "resumed step 1: stored 0.1 != replayed 0.2")
+
+
+def test_a_failed_verification_leaves_a_forced_target_untouched(tmp_path, monkeypatch):
+    out = tmp_path / "out.pt"
+    out.write_bytes(b"keep me")
+    _failing_verification(monkeypatch)
+    plan = ckpttool.reschedule(FIXTURES / "adamw_cosine.pt", sets=["T_max=80"])
+    with pytest.raises(CkptToolError, match="does not resume as replayed"):
+        plan.save(out, force=True)
+    assert out.read_bytes() == b"keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.pt"]
+
+
+def test_a_failed_in_place_rewrite_leaves_the_source_untouched(run_cli, tmp_path, monkeypatch):
+    src = tmp_path / "in.pt"
+    original = (FIXTURES / "adamw_cosine.pt").read_bytes()
+    src.write_bytes(original)
+    _failing_verification(monkeypatch)
+    result = run_cli("reschedule", src, "--in-place", "--set", "T_max=80")
+    assert result.exit_code == EXIT_ERROR
+    assert src.read_bytes() == original
+    assert [p.name for p in tmp_path.iterdir()] == ["in.pt"]
