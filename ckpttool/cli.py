@@ -48,6 +48,12 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             _error("interrupted")
             code = EXIT_ERROR
+        except OSError as e:  # the machine's refusal (full disk, permissions), not a bug
+            if debug:
+                traceback.print_exc()
+            where = f"{e.filename}: " if e.filename else ""
+            _error(f"{where}{e.strerror or e}; nothing was written")
+            code = EXIT_ERROR
         except Exception as e:  # a bug: still one line, with the way to see more
             if debug:
                 traceback.print_exc()

@@ -99,6 +99,7 @@ class Rescheduled:
         path = os.fspath(path)
         _check_output(self.source, path, force)
         verified = self._write_verified(pending_path(path), verify_steps, progress, staged)
+        path = os.path.realpath(path)
         os.replace(pending_path(path), path)
         _fsync_folder_of(path)
         return SaveResult(path, verified)
@@ -116,7 +117,7 @@ class Rescheduled:
                 raise StateError(f"the rewritten checkpoint does not resume as replayed "
                                  f"({verdict}); nothing was written")
         except BaseException:
-            os.remove(pending)
+            _remove(pending)
             raise
         possible = next((i for i, e in enumerate(self.expected) if isinstance(e, tuple)),
                         len(self.expected))
@@ -127,7 +128,7 @@ class Rescheduled:
         """Rewrite the source file itself: the new file is written and verified beside it, then
         the source becomes ``SOURCE.bak`` (unless ``backup=False``) and the new file takes its
         name. At every moment one complete copy of the data exists under a known name."""
-        src = self.source.path
+        src = os.path.realpath(self.source.path)  # through a symlink: rewrite its target
         bak = src + ".bak"
         if backup and os.path.exists(bak) and not force:
             raise StateError(f"{bak} exists; pass --force to replace that backup, or move it")
@@ -143,8 +144,7 @@ class Rescheduled:
                     os.replace(bak, src)  # put the original back under its own name
                 raise
         except BaseException:
-            if os.path.exists(pending):
-                os.remove(pending)
+            _remove(pending)
             raise
         _fsync_folder_of(src)
         return SaveResult(src, verified, bak if backup else None)
@@ -177,9 +177,17 @@ class Rescheduled:
 
 
 def pending_path(target: str) -> str:
-    """Where a rewrite is written and verified before it takes ``target``'s name."""
-    folder, name = os.path.split(os.path.abspath(target))
+    """Where a rewrite is written and verified before it takes ``target``'s name (beside the
+    file a symlink points to: a symlinked target is written through, as ``cp`` does)."""
+    folder, name = os.path.split(os.path.realpath(target))
     return os.path.join(folder, f".{name}.ckpttool-new")
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def _fsync_folder_of(path: str) -> None:
@@ -189,7 +197,7 @@ def _fsync_folder_of(path: str) -> None:
 
 
 def _check_output(source: Checkpoint, path: str, force: bool) -> None:
-    if os.path.abspath(path) == os.path.abspath(source.path):
+    if os.path.realpath(path) == os.path.realpath(source.path):
         raise StateError("the output is the input; use --in-place (it keeps a backup)")
     if os.path.exists(path) and not force:
         raise StateError(f"{path} exists; pass --force to overwrite it, or choose another -o")
@@ -208,7 +216,7 @@ def start_output(source: Checkpoint, path: str | os.PathLike, *, optimizer: str 
     from ckpttool.serialization import StagedWrite, TensorRef, walk
 
     path = os.fspath(path)
-    if os.path.abspath(path) != os.path.abspath(source.path):  # --in-place passes the source
+    if os.path.realpath(path) != os.path.realpath(source.path):  # --in-place passes the source
         _check_output(source, path, force)
     file = source.file
     if file.kind != "torch-zip" or not file.storage_order:
@@ -386,6 +394,12 @@ def reschedule(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None,
         bases = spec.parse_lr_options(list(lr), scale_lr, len(groups), current) if (
             lr or scale_lr is not None) else current
 
+    if not lr and scale_lr is None and old is not None and factory is None and (
+            target is None or target.cls != old.cls) and _sets_initial_lr(old.info):
+        notes.append(f"the new schedule starts from the stored initial_lr {current!r}, which "
+                     f"{old.cls} set from its own arguments; the lr the optimizer was built "
+                     "with is not stored: pass --lr to choose the base lr")
+
     # The resume position.
     if step is None:
         if old is not None:
@@ -483,6 +497,11 @@ def reschedule(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None,
                        old.state if old else None, new_state, tuple(notes), root, target,
                        scheduler if isinstance(scheduler, str) and target is None else None,
                        opt_path, sched_path, expected, rebuild)
+
+
+def _sets_initial_lr(info: SchedulerInfo) -> bool:
+    """Whether a schedule (or one of its children) writes initial_lr from its own arguments."""
+    return info.cls in _OWN_LR_CLASSES or any(_sets_initial_lr(c) for c in info.children)
 
 
 def _base_of(group: Mapping) -> Any:

@@ -2022,6 +2022,10 @@ class StagedWrite:
         self._thread.join()
         if self._error is not None:
             self.abort()
+            if isinstance(self._error, OSError) and not isinstance(self._error, InputError):
+                raise CkptToolError(f"{self.out_path}: cannot write the checkpoint "
+                                    f"({self._error.strerror or self._error}); nothing was "
+                                    "written") from None
             raise self._error
         try:
             storages = _Storages(self.file.storage_spans, legacy=False)

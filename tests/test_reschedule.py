@@ -669,3 +669,37 @@ def test_a_failed_in_place_rewrite_leaves_the_source_untouched(run_cli, tmp_path
     assert result.exit_code == EXIT_ERROR
     assert src.read_bytes() == original
     assert [p.name for p in tmp_path.iterdir()] == ["in.pt"]
+
+
+def test_in_place_through_a_symlink_rewrites_its_target(run_cli, tmp_path):
+    real, link = tmp_path / "real.pt", tmp_path / "link.pt"
+    real.write_bytes((FIXTURES / "adamw_cosine.pt").read_bytes())
+    link.symlink_to(real)
+    result = run_cli("reschedule", link, "--in-place", "--set", "T_max=80")
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert link.is_symlink() and torch.load(link, weights_only=True)["scheduler"]["T_max"] == 80
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.pt", "real.pt", "real.pt.bak"]
+
+
+def test_os_errors_are_one_line(run_cli, tmp_path, monkeypatch):
+    import errno
+
+    from ckpttool import serialization
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(serialization.os, "copy_file_range", full, raising=False)
+    monkeypatch.setattr(serialization.os, "sendfile", full, raising=False)
+    monkeypatch.setattr(serialization, "_write_all", full)
+    result = run_cli("reschedule", FIXTURES / "adamw_cosine.pt", "-o", tmp_path / "o.pt",
+                     "--set", "T_max=80")
+    assert result.exit_code == EXIT_ERROR
+    assert len(result.stderr.splitlines()) == 1 and "No space left" in result.stderr
+    assert "internal error" not in result.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_leaving_a_cycling_schedule_says_where_the_base_lr_comes_from():
+    plan = ckpttool.reschedule(FIXTURES / "schedulers/OneCycleLR.pt",
+                               scheduler="CosineAnnealingLR(T_max=40)", momentum=0.9)
+    assert any("pass --lr to choose the base lr" in n for n in plan.notes)
