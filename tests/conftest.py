@@ -22,3 +22,18 @@ def run_cli():
         return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
     return invoke
+
+
+def train_schedule(opt, make, steps: int):
+    """Build a scheduler with `make(opt)`, step optimizer and scheduler `steps` times, and
+    return (scheduler state, param_groups) as a checkpoint holds them."""
+    import copy
+    import warnings
+
+    sched = make(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(steps):
+            opt.step()
+            sched.step()
+    return copy.deepcopy(sched.state_dict()), copy.deepcopy(opt.state_dict()["param_groups"])

@@ -6,7 +6,6 @@ The oracle is always a real torch run; hand edits like a user's must be named by
 
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
 import warnings
@@ -26,6 +25,7 @@ from ckpttool.schedule import (
 )
 from ckpttool.schedulers import SchedulerInfo, identify_scheduler
 from ckpttool.serialization import TensorRef, read_checkpoint
+from conftest import train_schedule
 
 
 def sgd(lrs=(0.1, 0.05), momentum=0.9, **kw) -> torch.optim.SGD:
@@ -33,15 +33,7 @@ def sgd(lrs=(0.1, 0.05), momentum=0.9, **kw) -> torch.optim.SGD:
                             for lr in lrs], lr=lrs[0], momentum=momentum, **kw)
 
 
-def run(opt, make, steps: int):
-    """Train `steps` steps; returns (scheduler state, param_groups) as a checkpoint holds them."""
-    sched = make(opt)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for _ in range(steps):
-            opt.step()
-            sched.step()
-    return copy.deepcopy(sched.state_dict()), copy.deepcopy(opt.state_dict()["param_groups"])
+run = train_schedule
 
 
 def check(opt_class, groups, state) -> VerifyResult:

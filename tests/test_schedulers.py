@@ -46,6 +46,7 @@ from ckpttool.schedulers import (
     value_repr,
 )
 from ckpttool.serialization import TensorRef, read_checkpoint
+from conftest import train_schedule
 
 # --- drawing a training run ---------------------------------------------------------------------
 
@@ -489,13 +490,7 @@ def test_onecycle_hand_edits_are_unrecoverable_not_guessed():
 
 def composite_run(make, steps: int = 5) -> tuple[dict, list[dict]]:
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0, momentum=0.9)
-    sched = make(opt)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for _ in range(steps):
-            opt.step()
-            sched.step()
-    return copy.deepcopy(sched.state_dict()), copy.deepcopy(opt.state_dict()["param_groups"])
+    return train_schedule(opt, make, steps)
 
 
 def test_schedulers_sharing_group_keys():
