@@ -79,19 +79,26 @@ def settle() -> None:
 
 
 def compare(ours: list[str], baseline: list[str], repeats: int = 5, *,
-            writes: bool = False) -> dict:
+            writes: bool = False, outputs: tuple[Path, ...] = ()) -> dict:
     """Alternate the two commands `repeats` times; medians, their ratio, peak RSS.
 
-    With ``writes``, every timed run starts from a settled disk (:func:`settle`)."""
+    With ``writes``, every timed run starts from a settled disk (:func:`settle`) with the
+    ``outputs`` of earlier runs removed (a new file, as in normal use)."""
     a, b, rss_a, rss_b = [], [], [], []
-    run(ours), run(baseline)  # warm the page cache for both
-    for _ in range(repeats):
+
+    def fresh() -> None:
+        for p in outputs:
+            if p.exists():
+                os.remove(p)
         if writes:
             settle()
+
+    fresh(), run(ours), fresh(), run(baseline)  # warm the page cache for both
+    for _ in range(repeats):
+        fresh()
         t, r = run(ours)
         a.append(t), rss_a.append(r)
-        if writes:
-            settle()
+        fresh()
         t, r = run(baseline)
         b.append(t), rss_b.append(r)
     ma, mb = statistics.median(a), statistics.median(b)
