@@ -19,7 +19,7 @@ from ckpttool.inspection import (
     SchedulerReport,
 )
 from ckpttool.schedulers import MAX_INT_TEXT_BITS, SCHEDULER_SET_KEYS, int_text, value_repr
-from ckpttool.serialization import Opaque, TensorRef, dotted_name, _Marker
+from ckpttool.serialization import Marker, Opaque, TensorRef, dotted_name
 
 SHOW_SCHEMA = "ckpttool.show/1"
 
@@ -46,7 +46,7 @@ def jsonable(value: Any) -> Any:
                 "state": jsonable(value.state)}
     if dotted_name(value):
         return {"global": dotted_name(value)}
-    if isinstance(value, _Marker):
+    if isinstance(value, Marker):
         return repr(value)
     if isinstance(value, Mapping):
         return {str(k): jsonable(v) for k, v in value.items()}

@@ -212,7 +212,6 @@ def start_output(source: Checkpoint, path: str | os.PathLike, *, optimizer: str 
     The records kept are the input's storages, in the order its pickle names them, up to the
     first one inside the param groups or the scheduler that the rewrite replaces.
     """
-    from ckpttool.layout import find_states
     from ckpttool.serialization import StagedWrite, TensorRef, walk
 
     path = os.fspath(path)
@@ -223,7 +222,7 @@ def start_output(source: Checkpoint, path: str | os.PathLike, *, optimizer: str 
         return None
     opt = _choose_optimizer(source, optimizer)
     sched = _paired_scheduler(source, opt)
-    paths = {site.location: site.path for site in sum(find_states(file.root), [])}
+    paths = _state_paths(source)
     changing: set[str] = set()
     for subtree in [paths[opt.location] + ("param_groups",)] + (
             [paths[sched.location]] if sched is not None else []):
@@ -305,14 +304,12 @@ def _set_at(root: Any, path: tuple, value: Any) -> Any:
     raise StateError(f"cannot rewrite inside a {type(root).__name__} at {path!r}")
 
 
-def _path_of(ckpt: Checkpoint, location: str) -> tuple:
+def _state_paths(ckpt: Checkpoint) -> dict[str, tuple]:
+    """Tree path of every optimizer and scheduler state, by location (one walk)."""
     from ckpttool.layout import find_states
 
     optimizers, schedulers = find_states(ckpt.file.root)
-    for site in optimizers + schedulers:
-        if site.location == location:
-            return site.path
-    raise StateError(f"no state at {location!r}")
+    return {site.location: site.path for site in optimizers + schedulers}
 
 
 def reschedule(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None,
@@ -472,11 +469,11 @@ def reschedule(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None,
         notes.append(f"{shown} ends {ends} step{'s' if ends > 1 else ''} after the resume "
                      f"point: the resumed run raises at step {step + ends + 1}")
 
-    root = file.root
-    opt_path = _path_of(ckpt, opt.location)
-    root = _set_at(root, opt_path + ("param_groups",), new_groups)
+    paths = _state_paths(ckpt)
+    opt_path = paths[opt.location]
+    root = _set_at(file.root, opt_path + ("param_groups",), new_groups)
     if old is not None:
-        sched_path = _path_of(ckpt, old.location)
+        sched_path = paths[old.location]
     else:
         parent = opt_path[:-1]
         container = root
@@ -702,10 +699,11 @@ def _plateau_in_place(ckpt, opt, old, groups, old_state, target, lr, scale_lr, n
     notes.append("ReduceLROnPlateau cannot be replayed (its steps follow metric values that are "
                  "not stored): its arguments and lr were changed in place, keeping best, "
                  "num_bad_epochs, cooldown_counter and last_epoch")
-    root = _set_at(ckpt.file.root, _path_of(ckpt, opt.location) + ("param_groups",), new_groups)
-    sched_path = _path_of(ckpt, old.location)
+    paths = _state_paths(ckpt)
+    root = _set_at(ckpt.file.root, paths[opt.location] + ("param_groups",), new_groups)
+    sched_path = paths[old.location]
     root = _set_at(root, sched_path, new_state)
     return Rescheduled(ckpt, opt.location, old.location, old.call, format_call(target),
                        "plateau-in-place", int(old_state.get("last_epoch", 0)), tuple(changes),
                        old.state, new_state, tuple(notes), root, target, None,
-                       _path_of(ckpt, opt.location), sched_path, [], None)
+                       paths[opt.location], sched_path, [], None)

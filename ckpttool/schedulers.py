@@ -726,6 +726,23 @@ def _group_values(r: _Recovery, key: str) -> list[float] | None:
     return values or None
 
 
+def _recover_divisor(r: _Recovery, name: str, top: list | None, bottom: list | None,
+                     top_key: str, bottom_key: str, default: float) -> None:
+    """OneCycleLR's ``name`` from ``bottom = top / name``, exact in every group (div_factor
+    from max_lr and initial_lr; final_div_factor from initial_lr and min_lr)."""
+    if top is None or bottom is None or len(top) != len(bottom):
+        r.lost(name, f"{name}: the param_groups need float {top_key} and {bottom_key}")
+        return
+    value = shortest_float(
+        _ratio(top[0], bottom[0]),
+        lambda d: all(t / d == b for t, b in zip(top, bottom, strict=True)), default)
+    if value is None:
+        r.lost(name, f"no {name} gives {bottom_key} = {top_key} / {name} exactly in every group "
+                     f"({top_key} or {bottom_key} edited by hand?)")
+    else:
+        r.args[name] = value
+
+
 def _recover_onecycle(r: _Recovery) -> None:
     s = r.state
     total = s["total_steps"]
@@ -766,29 +783,8 @@ def _recover_onecycle(r: _Recovery) -> None:
         r.lost("max_lr", "max_lr: the param_groups hold no float max_lr in every group")
     else:
         r.set("max_lr", max_lrs, per_group=True)
-    if max_lrs is None or initial is None or len(initial) != len(max_lrs):
-        r.lost("div_factor", "div_factor: the param_groups need float max_lr and initial_lr")
-    else:
-        div = shortest_float(
-            _ratio(max_lrs[0], initial[0]),
-            lambda d: all(m / d == i for m, i in zip(max_lrs, initial, strict=True)), 25.0)
-        if div is None:
-            r.lost("div_factor", "no div_factor gives initial_lr = max_lr / div_factor exactly in "
-                                 "every group (initial_lr or max_lr edited by hand?)")
-        else:
-            r.args["div_factor"] = div
-    if initial is None or min_lrs is None or len(initial) != len(min_lrs):
-        r.lost("final_div_factor", "final_div_factor: the param_groups need float initial_lr "
-                                   "and min_lr")
-    else:
-        final = shortest_float(
-            _ratio(initial[0], min_lrs[0]),
-            lambda f: all(i / f == m for i, m in zip(initial, min_lrs, strict=True)), 1e4)
-        if final is None:
-            r.lost("final_div_factor", "no final_div_factor gives min_lr = initial_lr / "
-                                       "final_div_factor exactly in every group (edited by hand?)")
-        else:
-            r.args["final_div_factor"] = final
+    _recover_divisor(r, "div_factor", max_lrs, initial, "max_lr", "initial_lr", 25.0)
+    _recover_divisor(r, "final_div_factor", initial, min_lrs, "initial_lr", "min_lr", 1e4)
     if momentum:
         for name in ("base_momentum", "max_momentum"):
             values = [g.get(name) if isinstance(g, Mapping) else None for g in r.groups]

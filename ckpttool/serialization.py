@@ -244,7 +244,7 @@ class TensorRef(_Sealed):
         return hash((self.dtype, self.shape, self.stride, self.storage_offset, self.storage))
 
 
-class _Marker(_Sealed):
+class Marker(_Sealed):
     """A torch object that is only a name: a dtype, a storage class, a device."""
 
     __slots__ = ("kind", "name")
@@ -257,13 +257,13 @@ class _Marker(_Sealed):
         return f"{self.kind}({self.name})" if self.kind == "device" else f"torch.{self.name}"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Marker) and (self.kind, self.name) == (other.kind, other.name)
+        return isinstance(other, Marker) and (self.kind, self.name) == (other.kind, other.name)
 
     def __hash__(self) -> int:
         return hash((self.kind, self.name))
 
 
-class DType(_Marker):
+class DType(Marker):
     """A ``torch.<dtype>`` global."""
 
     __slots__ = ()
@@ -272,7 +272,7 @@ class DType(_Marker):
         super().__init__("dtype", name)
 
 
-class StorageType(_Marker):
+class StorageType(Marker):
     """A ``torch.<X>Storage`` class global, as used in storage persistent ids."""
 
     __slots__ = ()
@@ -285,7 +285,7 @@ class StorageType(_Marker):
         return STORAGE_DTYPES.get(self.name, "uint8")
 
 
-class Device(_Marker):
+class Device(Marker):
     """A ``torch.device(...)`` value."""
 
     __slots__ = ("args",)

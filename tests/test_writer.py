@@ -31,7 +31,7 @@ from ckpttool.serialization import (
     NewTensor,
     Opaque,
     TensorRef,
-    _Marker,
+    Marker,
     atomic_output,
     new_tensor_from_torch,
     read_checkpoint,
@@ -756,7 +756,7 @@ def test_markers_are_written_as_torch_writes_them(tmp_path):
     torch.save({"dtype": torch.bfloat16, "device": torch.device("cuda", 1),
                 "cpu": torch.device("cpu"), "storage": torch.FloatStorage}, src)
     ckpt, _, back = rewrite(src, out)
-    assert all(isinstance(back.root[k], _Marker) for k in back.root)
+    assert all(isinstance(back.root[k], Marker) for k in back.root)
     same_tree(ckpt.root, back.root)
     loaded, expected = torch.load(out, weights_only=False), torch.load(src, weights_only=False)
     assert loaded["storage"].dtype == expected.pop("storage").dtype == torch.float32
