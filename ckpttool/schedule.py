@@ -29,8 +29,12 @@ from dataclasses import dataclass
 from itertools import chain, islice, repeat
 from typing import Any
 
-import torch
-from torch.optim import lr_scheduler as torch_schedulers
+# torch warns on import when numpy is absent (ckpttool does not need it): not a message for
+# ckpttool's users, whose stderr carries only ckpttool's own lines.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    import torch
+    from torch.optim import lr_scheduler as torch_schedulers
 
 from ckpttool.errors import CkptToolError, ReplayError
 from ckpttool.schedulers import (
