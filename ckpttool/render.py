@@ -333,3 +333,241 @@ def reschedule_text(plan: Any, saved: Any = None) -> str:
         lines.append("(Lightning restores both itself when you resume with ckpt_path=...: "
                      "return this scheduler from configure_optimizers.)")
     return "\n".join(lines) + "\n"
+
+
+# --- plot --------------------------------------------------------------------------------------
+
+
+def plot_text(series: Any, width: int = 80) -> str:
+    """Sparklines of a :class:`ckpttool.plot.PlotSeries`, fitted to ``width`` columns: one row
+    per distinct group curve (stored, then new), one scale per panel (lr, momentum), each row's
+    own range beside it, and the current step marked under them."""
+    import textwrap
+
+    from ckpttool.plot import _distinct, _groups_label, _marks, column_steps, sparkline
+
+    both = len(series.curves) > 1
+    panels = [("lr", "lrs")] + ([(series.momentum_key, "momentum")] if series.momentum_key
+                                else [])
+    rows = []  # (panel, label, curve, values)
+    for panel, field in panels:
+        for name, curve in series.curves:
+            for indices, values in _distinct(getattr(curve, field) or ()):
+                rows.append((panel, (f"{name} " if both else "") + _groups_label(indices),
+                             curve, values))
+    ranges = [f"{min(v):.4g} .. {max(v):.4g}" if v else "" for *_, v in rows]
+    panel_w = max(len(p) for p, _ in panels)
+    label_w = max((len(label) for _, label, *_ in rows), default=0)
+    lead = 2 + panel_w + 2 + label_w + 2
+    columns = max(10, min(series.horizon + 1, width - lead - 2 - max(map(len, ranges),
+                                                                       default=0)))
+    lines = [f"{series.path}  [{series.optimizer}]  {series.caption}"]
+    lines += [textwrap.fill(f"{name}: {curve.call}", max(width, 40), initial_indent="  ",
+                            subsequent_indent="      ") for name, curve in series.curves]
+    lines.append("")
+    shown = None
+    for (panel, label, curve, values), span in zip(rows, ranges):
+        group = [v for p, *_, v in rows if p == panel]
+        lo, hi = min(min(v) for v in group if v), max(max(v) for v in group if v)
+        spark = sparkline(curve.steps, values, columns, series.horizon, lo, hi)
+        lines.append(f"  {panel if panel != shown else '':<{panel_w}}  {label:<{label_w}}  "
+                     f"{spark}  {span}".rstrip())
+        shown = panel
+    for step, label in _marks(series):
+        column = next(c for c in range(columns) if column_steps(c, columns, series.horizon)[1]
+                      > step)
+        text = f"^ {label}" if lead + column + len(label) + 2 <= width else f"{label} ^"
+        lines.append(" " * (lead + column - (len(text) - 1 if text.endswith("^") else 0))
+                     + text)
+    lines += [f"note: {note}" for note in series.notes]
+    return "\n".join(lines) + "\n"
+
+
+# --- diff --------------------------------------------------------------------------------------
+
+# Items listed per section of a human diff unless --limit says otherwise.
+DIFF_LIMIT = 20
+
+
+def _diff_value(value: Any) -> Any:
+    from ckpttool.diff import TensorValue
+
+    if isinstance(value, TensorValue):
+        out: dict[str, Any] = {"tensor": {"dtype": value.dtype, "shape": list(value.shape),
+                                          "device": value.device}}
+        if value.value is not None:
+            out["value"] = jsonable(value.value)
+        return out
+    return jsonable(value)
+
+
+def change_dict(c: Any) -> dict:
+    """One entry of ``changes`` in ``ckpttool.diff/1``; the side a key is missing from has no
+    ``a`` (added) or ``b`` (removed)."""
+    from ckpttool.diff import MISSING
+
+    out: dict[str, Any] = {"path": c.path, "kind": c.kind, "section": c.section}
+    if c.kind == "tensor":
+        out.update({"max_abs": jsonable(c.max_abs), "max_rel": jsonable(c.max_rel),
+                    "n_diff": c.n_diff, "numel": c.numel})
+        if c.a is not None and c.a.value is not None:  # one element: its two values
+            out.update({"a": jsonable(c.a.value), "b": jsonable(c.b.value)})
+        return out
+    if c.a is not MISSING:
+        out["a"] = _diff_value(c.a)
+    if c.b is not MISSING:
+        out["b"] = _diff_value(c.b)
+    return out
+
+
+def _triples(items: Any) -> list[dict]:
+    from ckpttool.diff import MISSING
+
+    return [{"key": k, **({"a": _diff_value(a)} if a is not MISSING else {}),
+             **({"b": _diff_value(b)} if b is not MISSING else {})} for k, a, b in items]
+
+
+def diff_dict(d: Any, limit: int | None = None) -> dict:
+    """The ``ckpttool.diff/1`` document; ``limit`` caps the ``changes`` list (``truncated``
+    then says how many were left out)."""
+    from ckpttool.diff import SCHEMA
+
+    changes = list(d.changes)
+    shown = changes if not limit else changes[:limit]
+    return {
+        "schema": SCHEMA,
+        "a": d.a, "b": d.b, "kind_a": d.kind_a, "kind_b": d.kind_b,
+        "equal": d.equal,
+        "summary": d.summary,
+        "rtol": d.rtol, "atol": d.atol, "only": list(d.only), "ignore": list(d.ignore),
+        "tensors": {"compared": d.tensors.compared, "changed": d.tensors.changed,
+                    "added": d.tensors.added, "removed": d.tensors.removed},
+        "optimizers": [{
+            "location": o.location, "class": list(o.cls), "groups": list(o.group_count),
+            "group_changes": [{"index": g.index, "changes": _triples(g.changes)}
+                              for g in o.groups],
+            "state": [{"key": st.key, "changed": st.changed, "added": st.added,
+                       "removed": st.removed, "params": st.params} for st in o.state],
+        } for o in d.optimizers],
+        "schedulers": [{
+            "location": s.location, "class": list(s.cls), "fields": _triples(s.fields),
+            "args": _triples(s.args),
+        } for s in d.schedulers],
+        "changes": [change_dict(c) for c in shown],
+        "truncated": len(changes) - len(shown),
+    }
+
+
+def _diff_text(value: Any) -> str:
+    from ckpttool.diff import MISSING
+
+    if value is MISSING:
+        return "-"
+    if isinstance(value, str) and value.startswith("<") and value.endswith(">"):
+        return value  # a description (`<dict of 13>`), not a string value
+    return _text(value)
+
+
+def _change_line(c: Any, prefix: str = "") -> str:
+    path = c.path[len(prefix):].lstrip("/") if prefix and c.path != prefix else c.path
+    if c.kind == "added":
+        return f"{path}: added ({_diff_text(c.b)})"
+    if c.kind == "removed":
+        return f"{path}: removed ({_diff_text(c.a)})"
+    if c.kind in ("shape", "dtype"):
+        return f"{path}: {c.kind} {_diff_text(c.a)} -> {_diff_text(c.b)}"
+    if c.kind == "tensor":
+        if c.a is not None and c.a.value is not None:
+            return f"{path}: {_text(c.a.value)} -> {_text(c.b.value)} ({c.a.dtype} tensor)"
+        return (f"{path}: {c.n_diff} of {c.numel} elements differ, max |a-b| "
+                f"{_text(c.max_abs)}, max rel {_text(c.max_rel)}")
+    return f"{path}: {_diff_text(c.a)} -> {_diff_text(c.b)}"
+
+
+def _classes(cls: tuple) -> str:
+    """``AdamW``, ``SGD -> Adam``, ``AdamW: only in A``."""
+    if cls[0] == cls[1]:
+        return cls[0]
+    if cls[1] is None:
+        return f"{cls[0]}: only in A"
+    if cls[0] is None:
+        return f"{cls[1]}: only in B"
+    return f"{cls[0]} -> {cls[1]}"
+
+
+def _on_a_tensor(c: Any) -> bool:
+    """A change of a tensor itself (not of a container that holds some)."""
+    from ckpttool.diff import TensorValue
+
+    return c.kind in ("tensor", "shape", "dtype") or isinstance(c.a, TensorValue) or isinstance(
+        c.b, TensorValue)
+
+
+def _limited(lines: list[str], limit: int | None, indent: str = "  ") -> list[str]:
+    if not limit or len(lines) <= limit:
+        return lines
+    return lines[:limit] + [f"{indent}... and {len(lines) - limit} more (--limit 0 lists all)"]
+
+
+def diff_text(d: Any, limit: int | None = DIFF_LIMIT) -> str:
+    """The human diff: the summary line, then each changed state, tensors, other values."""
+    from ckpttool.diff import _within
+
+    blocks = [[f"A  {d.a}  ({d.kind_a})", f"B  {d.b}  ({d.kind_b})"], [d.summary]]
+    covered: set[int] = set()  # changes a state's block has shown
+    for o in d.optimizers:
+        lines = [f"[{o.location}] {_classes(o.cls)}"]
+        if o.group_count[0] != o.group_count[1] and None not in o.cls:
+            lines.append(f"  groups: {o.group_count[0]} -> {o.group_count[1]}")
+        for g in o.groups:
+            lines.append(f"  group {g.index}: " + ", ".join(
+                f"{k} {_diff_text(a)} -> {_diff_text(b)}" for k, a, b in g.changes))
+        for st in o.state:
+            counts = [f"changed for {st.changed} of {_plural(st.params, 'param')}"
+                      if st.changed else "",
+                      f"added for {_plural(st.added, 'param')}" if st.added else "",
+                      f"removed for {_plural(st.removed, 'param')}" if st.removed else ""]
+            lines.append(f"  state {st.key}: " + ", ".join(c for c in counts if c))
+        rest = []
+        for i, c in enumerate(d.changes):
+            if not _within(c.path, o.location):
+                continue
+            sub = c.path[len(o.location):].lstrip("/").split("/")
+            grouped = len(sub) == 3 and sub[0] == "param_groups"
+            stated = c.tensor and len(sub) == 3 and sub[0] == "state"
+            covered.add(i)
+            if not (grouped or stated or sub[:1] == ["param_groups"] and len(sub) > 3
+                    or None in o.cls):
+                rest.append("  " + _change_line(c, o.location))
+        blocks.append(lines + _limited(rest, limit))
+    for s in d.schedulers:
+        lines = [f"[{s.location}] {_classes(s.cls)}"]
+        lines += [f"  {k}: {_diff_text(a)} -> {_diff_text(b)}" for k, a, b in s.fields]
+        field_keys = {k for k, _, _ in s.fields}
+        lines += [f"  {k} (recovered): {_diff_text(a)} -> {_diff_text(b)}"
+                  for k, a, b in s.args if k not in field_keys]
+        rest = []
+        for i, c in enumerate(d.changes):
+            if not _within(c.path, s.location):
+                continue
+            covered.add(i)
+            sub = c.path[len(s.location):].lstrip("/").split("/")
+            if sub[0] not in field_keys and None not in s.cls:
+                rest.append("  " + _change_line(c, s.location))
+        blocks.append(lines + _limited(rest, limit))
+    loose = [c for i, c in enumerate(d.changes)
+             if i not in covered and c.section in ("optimizer", "scheduler") and not c.tensor]
+    if loose:
+        blocks.append(["state values:"] + _limited(["  " + _change_line(c) for c in loose],
+                                                   limit))
+    t = d.tensors
+    tensor_lines = ["  " + _change_line(c) for c in d.changes if _on_a_tensor(c)]
+    if tensor_lines or (not d.only or "tensors" in d.only):
+        head = f"tensors: {t.changed} of {t.compared} changed"
+        head += "".join(f", {n} {what}" for n, what in ((t.added, "added"),
+                                                         (t.removed, "removed")) if n)
+        blocks.append([head] + _limited(tensor_lines, limit))
+    other = ["  " + _change_line(c) for c in d.changes if c.section == "other"]
+    if other:
+        blocks.append(["other:"] + _limited(other, limit))
+    return "\n\n".join("\n".join(b) for b in blocks) + "\n"
