@@ -390,7 +390,7 @@ DIFF_LIMIT = 20
 
 
 def _diff_value(value: Any) -> Any:
-    from ckpttool.diff import TensorValue
+    from ckpttool.diffing import TensorValue
 
     if isinstance(value, TensorValue):
         out: dict[str, Any] = {"tensor": {"dtype": value.dtype, "shape": list(value.shape),
@@ -404,7 +404,7 @@ def _diff_value(value: Any) -> Any:
 def change_dict(c: Any) -> dict:
     """One entry of ``changes`` in ``ckpttool.diff/1``; the side a key is missing from has no
     ``a`` (added) or ``b`` (removed)."""
-    from ckpttool.diff import MISSING
+    from ckpttool.diffing import MISSING
 
     out: dict[str, Any] = {"path": c.path, "kind": c.kind, "section": c.section}
     if c.kind == "tensor":
@@ -421,7 +421,7 @@ def change_dict(c: Any) -> dict:
 
 
 def _triples(items: Any) -> list[dict]:
-    from ckpttool.diff import MISSING
+    from ckpttool.diffing import MISSING
 
     return [{"key": k, **({"a": _diff_value(a)} if a is not MISSING else {}),
              **({"b": _diff_value(b)} if b is not MISSING else {})} for k, a, b in items]
@@ -430,7 +430,7 @@ def _triples(items: Any) -> list[dict]:
 def diff_dict(d: Any, limit: int | None = None) -> dict:
     """The ``ckpttool.diff/1`` document; ``limit`` caps the ``changes`` list (``truncated``
     then says how many were left out)."""
-    from ckpttool.diff import SCHEMA
+    from ckpttool.diffing import SCHEMA
 
     changes = list(d.changes)
     shown = changes if not limit else changes[:limit]
@@ -459,7 +459,7 @@ def diff_dict(d: Any, limit: int | None = None) -> dict:
 
 
 def _diff_text(value: Any) -> str:
-    from ckpttool.diff import MISSING
+    from ckpttool.diffing import MISSING
 
     if value is MISSING:
         return "-"
@@ -480,8 +480,13 @@ def _change_line(c: Any, prefix: str = "") -> str:
         if c.a is not None and c.a.value is not None:
             return f"{path}: {_text(c.a.value)} -> {_text(c.b.value)} ({c.a.dtype} tensor)"
         return (f"{path}: {c.n_diff} of {c.numel} elements differ, max |a-b| "
-                f"{_text(c.max_abs)}, max rel {_text(c.max_rel)}")
+                f"{_stat(c.max_abs)}, max rel {_stat(c.max_rel)}")
     return f"{path}: {_diff_text(c.a)} -> {_diff_text(c.b)}"
+
+
+def _stat(value: float | None) -> str:
+    """A statistic, to 4 significant digits (JSON has it exactly)."""
+    return "-" if value is None else f"{value:.4g}"
 
 
 def _classes(cls: tuple) -> str:
@@ -497,7 +502,7 @@ def _classes(cls: tuple) -> str:
 
 def _on_a_tensor(c: Any) -> bool:
     """A change of a tensor itself (not of a container that holds some)."""
-    from ckpttool.diff import TensorValue
+    from ckpttool.diffing import TensorValue
 
     return c.kind in ("tensor", "shape", "dtype") or isinstance(c.a, TensorValue) or isinstance(
         c.b, TensorValue)
@@ -511,9 +516,9 @@ def _limited(lines: list[str], limit: int | None, indent: str = "  ") -> list[st
 
 def diff_text(d: Any, limit: int | None = DIFF_LIMIT) -> str:
     """The human diff: the summary line, then each changed state, tensors, other values."""
-    from ckpttool.diff import _within
+    from ckpttool.diffing import _within
 
-    blocks = [[f"A  {d.a}  ({d.kind_a})", f"B  {d.b}  ({d.kind_b})"], [d.summary]]
+    blocks = [[d.summary, f"  A  {d.a}  ({d.kind_a})", f"  B  {d.b}  ({d.kind_b})"]]
     covered: set[int] = set()  # changes a state's block has shown
     for o in d.optimizers:
         lines = [f"[{o.location}] {_classes(o.cls)}"]
@@ -562,7 +567,7 @@ def diff_text(d: Any, limit: int | None = DIFF_LIMIT) -> str:
                                                    limit))
     t = d.tensors
     tensor_lines = ["  " + _change_line(c) for c in d.changes if _on_a_tensor(c)]
-    if tensor_lines or (not d.only or "tensors" in d.only):
+    if tensor_lines:  # (the summary has the count when none changed)
         head = f"tensors: {t.changed} of {t.compared} changed"
         head += "".join(f", {n} {what}" for n, what in ((t.added, "added"),
                                                          (t.removed, "removed")) if n)
