@@ -885,21 +885,32 @@ class TorchFile:
     # zip: storage keys in the order the pickle first names them
     storage_order: tuple[str, ...] = ()
 
-    def read_storage(self, storage: StorageRef, start: int = 0, length: int | None = None) -> bytes:
-        """Bytes of one storage record (or a slice of it), read on demand."""
+    def locate(self, storage: StorageRef, start: int = 0,
+               length: int | None = None) -> tuple[str, int, int]:
+        """(file path, absolute offset, length) of a storage record's bytes, or of the slice
+        ``[start, start + length)`` of them; checked against the record's size.
+
+        A checkpoint made of several files (a directory) answers with the file that holds the
+        storage; readers go through this, never through ``storage_spans`` directly.
+        """
         span = self.storage_spans.get(storage.key)
         if span is None:
             raise InputError(f"{self.path}: tensor storage {storage.key!r} is missing from the file")
         offset, size = span
         length = size - start if length is None else length
-        if start < 0 or start + length > size:
+        if start < 0 or length < 0 or start + length > size:
             raise InputError(f"{self.path}: tensor storage {storage.key!r} is shorter than its "
                              "tensor says; the file is damaged")
-        with open(self.path, "rb") as f:
-            f.seek(offset + start)
+        return self.path, offset + start, length
+
+    def read_storage(self, storage: StorageRef, start: int = 0, length: int | None = None) -> bytes:
+        """Bytes of one storage record (or a slice of it), read on demand."""
+        path, offset, length = self.locate(storage, start, length)
+        with open(path, "rb") as f:
+            f.seek(offset)
             data = f.read(length)
         if len(data) != length:
-            raise InputError(f"{self.path}: the file ends inside tensor data; it is truncated")
+            raise InputError(f"{path}: the file ends inside tensor data; it is truncated")
         return data
 
     def tensor_bytes(self, ref: TensorRef) -> bytes:
@@ -1235,29 +1246,20 @@ class ByteRun:
     length: int
 
 
-class _RunReader:
-    """Reads byte runs of one file through one open handle, checking each against its record."""
+class _Handles:
+    """Open files by path, for reading many runs (a checkpoint directory has several files)."""
 
-    def __init__(self, file: TorchFile, handle: BinaryIO):
-        self.file = file
-        self.handle = handle
+    def __init__(self, stack: ExitStack):
+        self.stack = stack
+        self.open: dict[str, BinaryIO] = {}
 
-    def offset(self, run: ByteRun) -> int:
-        span = self.file.storage_spans.get(run.storage.key)
-        if span is None:
-            raise InputError(f"{self.file.path}: tensor storage {run.storage.key!r} is missing "
-                             "from the file")
-        offset, size = span
-        if run.start < 0 or run.start + run.length > size:
-            raise InputError(f"{self.file.path}: tensor storage {run.storage.key!r} is shorter "
-                             "than its tensor says; the file is damaged")
-        return offset + run.start
-
-    def read_into(self, offset: int, buffer: bytearray) -> None:
-        self.handle.seek(offset)
-        if self.handle.readinto(buffer) != len(buffer):
-            raise InputError(f"{self.file.path}: the file ends inside tensor data; it is "
-                             "truncated")
+    def read_into(self, path: str, offset: int, buffer: bytearray) -> None:
+        handle = self.open.get(path)
+        if handle is None:
+            handle = self.open[path] = self.stack.enter_context(open(path, "rb", buffering=0))
+        handle.seek(offset)
+        if handle.readinto(buffer) != len(buffer):
+            raise InputError(f"{path}: the file ends inside tensor data; it is truncated")
 
 
 def same_bytes(a: TorchFile, b: TorchFile, pairs: list[tuple[ByteRun, ByteRun]], *,
@@ -1280,11 +1282,12 @@ def same_bytes(a: TorchFile, b: TorchFile, pairs: list[tuple[ByteRun, ByteRun]],
     result = [True] * len(pairs)
     done = 0
     full: tuple[bytearray, bytearray] | None = None
-    with open(a.path, "rb", buffering=0) as fa, open(b.path, "rb", buffering=0) as fb:
-        reader_a, reader_b = _RunReader(a, fa), _RunReader(b, fb)
-        located = [(reader_a.offset(ra), reader_b.offset(rb), ra.length, i)
-                   for i, (ra, rb) in enumerate(pairs)]
-        for off_a, off_b, length, i in sorted(located):
+    located = sorted((a.locate(ra.storage, ra.start, ra.length),
+                      b.locate(rb.storage, rb.start, rb.length), i)
+                     for i, (ra, rb) in enumerate(pairs))
+    with ExitStack() as stack:
+        handles = _Handles(stack)
+        for (path_a, off_a, length), (path_b, off_b, _), i in located:
             pos = 0
             while pos < length:
                 n = min(COMPARE_CHUNK, length - pos)
@@ -1295,8 +1298,8 @@ def same_bytes(a: TorchFile, b: TorchFile, pairs: list[tuple[ByteRun, ByteRun]],
                     buf_a, buf_b = full
                 else:
                     buf_a, buf_b = bytearray(n), bytearray(n)
-                reader_a.read_into(off_a + pos, buf_a)
-                reader_b.read_into(off_b + pos, buf_b)
+                handles.read_into(path_a, off_a + pos, buf_a)
+                handles.read_into(path_b, off_b + pos, buf_b)
                 pos += n
                 if buf_a != buf_b:
                     result[i] = False
