@@ -389,6 +389,7 @@ def _tree_changes(tree_a: Any, tree_b: Any, tensors_a: dict, tensors_b: dict,
                          threshold_to_diff_deeper=0)
     except RecursionError:
         raise InputError("the checkpoints nest too deeply to compare") from None
+    under_a, under_b = _prefix_counts(tensors_a), _prefix_counts(tensors_b)
     changes = []
     for report, levels in found.items():
         for level in levels:
@@ -400,10 +401,10 @@ def _tree_changes(tree_a: Any, tree_b: Any, tensors_a: dict, tensors_b: dict,
             held = 0
             if report.endswith("_added"):
                 kind = "added"
-                held = _tensors_under(tensors_b, keys)
+                held = under_b.get(keys, 0)
             elif report.endswith("_removed"):
                 kind = "removed"
-                held = _tensors_under(tensors_a, keys)
+                held = under_a.get(keys, 0)
             elif report == "values_changed":
                 if rules.close(a, b):
                     continue
@@ -423,9 +424,13 @@ def _tree_changes(tree_a: Any, tree_b: Any, tensors_a: dict, tensors_b: dict,
     return changes
 
 
-def _tensors_under(tensors: dict[tuple, TensorRef], keys: tuple) -> int:
-    n = len(keys)
-    return sum(1 for p in tensors if p[:n] == keys)
+def _prefix_counts(tensors: dict[tuple, TensorRef]) -> dict[tuple, int]:
+    """How many tensors lie under each path (a subtree that appears holds that many)."""
+    counts: dict[tuple, int] = {}
+    for path in tensors:
+        for i in range(len(path) + 1):
+            counts[path[:i]] = counts.get(path[:i], 0) + 1
+    return counts
 
 
 def _describe(value: Any, ref: TensorRef | None, file: TorchFile, held: int = 0) -> Any:
