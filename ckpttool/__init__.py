@@ -15,7 +15,8 @@ __version__ = "0.1.0"
 from ckpttool.diffing import Diff, diff  # noqa: E402
 from ckpttool.errors import CkptToolError  # noqa: E402
 from ckpttool.inspection import Checkpoint, load  # noqa: E402
+from ckpttool.plot import PlotSeries, draw_png, plan_series, plot_series  # noqa: E402
 from ckpttool.rescheduling import Rescheduled, reschedule  # noqa: E402
 
-__all__ = ["Checkpoint", "CkptToolError", "Diff", "Rescheduled", "diff", "load", "reschedule",
-           "__version__"]
+__all__ = ["Checkpoint", "CkptToolError", "Diff", "PlotSeries", "Rescheduled", "diff",
+           "draw_png", "load", "plan_series", "plot_series", "reschedule", "__version__"]

@@ -14,7 +14,7 @@ import traceback
 import click
 
 from ckpttool import __version__
-from ckpttool.errors import EXIT_ERROR, EXIT_OK, CkptToolError
+from ckpttool.errors import EXIT_DIFFERENT, EXIT_ERROR, EXIT_OK, CkptToolError
 
 
 class _Group(click.Group):
@@ -160,21 +160,73 @@ def show(paths: tuple[str, ...], as_json: bool, verify: bool) -> int:
 
 
 @cli.command()
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@click.option("--rtol", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Relative tolerance: x equals y when |x-y| <= atol + rtol*|y|.")
+@click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Absolute tolerance (see --rtol); both 0: exact.")
+@click.option("--only", multiple=True, type=click.Choice(["optimizer", "scheduler", "tensors",
+                                                          "other"]),
+              help="Compare only this section; repeatable.")
+@click.option("--ignore", multiple=True, metavar="GLOB",
+              help="Skip paths matching GLOB (and what is under them), e.g. 'model/*'; "
+                   "repeatable.")
+@click.option("--limit", type=click.IntRange(min=0), metavar="N",
+              help="List at most N items per section (default 20; JSON: all); 0: all.")
+@click.option("--json", "as_json", is_flag=True, help="Print ckpttool.diff/1 JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def diff(a, b, rtol, atol, only, ignore, limit, as_json, quiet) -> int:
+    """Compare two checkpoints: optimizer hyperparameters per group, scheduler fields, other
+    values, and every tensor (model included).
+
+    Tensors are compared by their raw bytes first, without loading them; only tensors whose
+    bytes differ are read as numbers (max |a-b|, max relative difference, elements that
+    differ). Exit code 0: equal, 1: different, 2: error.
+
+    \b
+    Example:
+      ckpttool diff run/step500.pt run/step500-rescheduled.pt
+      ckpttool diff a.pt b.pt --only tensors --atol 1e-6 --ignore 'optimizer/*'
+    """
+    from ckpttool import diffing, render
+
+    result = diffing.diff(a, b, rtol=rtol, atol=atol, only=only, ignore=ignore,
+                       progress=None if quiet else _progress_bar("comparing"))
+    if as_json:
+        click.echo(render.dumps(render.diff_dict(result, limit=limit)))
+    else:
+        click.echo(render.diff_text(result, limit=render.DIFF_LIMIT if limit is None else limit),
+                   nl=False)
+    return EXIT_OK if result.equal else EXIT_DIFFERENT
+
+
+def _new_schedule_options(command):
+    """--scheduler, --set, --lr, --scale-lr: the new schedule, the same for reschedule and plot
+    (both hand them to rescheduling.reschedule), and --optimizer to choose whose."""
+    for option in reversed([
+        click.option("--scheduler", "spec", metavar="SPEC",
+                     help="The new schedule: 'CosineAnnealingLR(T_max=2000)', or FILE.py:FUNC / "
+                          "module:FUNC, a factory FUNC(optimizer) -> scheduler."),
+        click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
+                     help="Change one argument of the stored (or given) schedule; repeatable."),
+        click.option("--lr", "lrs", multiple=True, metavar="[GROUP=]VALUE",
+                     help="New base lr for every group, or for one group; repeatable."),
+        click.option("--scale-lr", type=float, metavar="FACTOR", help="Multiply the base lrs."),
+        click.option("--optimizer", "optimizer", metavar="LOCATION",
+                     help="Which optimizer, when the checkpoint holds several (see `show`)."),
+    ]):
+        command = option(command)
+    return command
+
+
+@cli.command()
 @click.argument("source", type=click.Path())
 @click.option("-o", "--output", "output", type=click.Path(), help="Write the result here.")
 @click.option("--in-place", is_flag=True, help="Rewrite SOURCE itself (keeps SOURCE.bak).")
-@click.option("--scheduler", "spec", metavar="SPEC",
-              help="The new schedule: 'CosineAnnealingLR(T_max=2000)', or FILE.py:FUNC / "
-                   "module:FUNC, a factory FUNC(optimizer) -> scheduler.")
-@click.option("--set", "sets", multiple=True, metavar="NAME=VALUE",
-              help="Change one argument of the stored (or given) schedule; repeatable.")
-@click.option("--lr", "lrs", multiple=True, metavar="[GROUP=]VALUE",
-              help="New base lr for every group, or for one group; repeatable.")
-@click.option("--scale-lr", type=float, metavar="FACTOR", help="Multiply the base lrs.")
+@_new_schedule_options
 @click.option("--step", type=click.IntRange(min=0), help="Resume position (default: stored).")
 @click.option("--device", help="Device for the recompute of tensor lrs (default: where saved).")
-@click.option("--optimizer", "optimizer", metavar="LOCATION",
-              help="Which optimizer, when the checkpoint holds several (see `show`).")
 @click.option("--momentum", type=float,
               help="Momentum / beta1 to leave when the old schedule cycled it.")
 @click.option("--scheduler-key", default="scheduler", show_default=True,
@@ -184,8 +236,12 @@ def show(paths: tuple[str, ...], as_json: bool, verify: bool) -> int:
 @click.option("--no-backup", is_flag=True, help="With --in-place: keep no SOURCE.bak.")
 @click.option("--json", "as_json", is_flag=True, help="Print ckpttool.reschedule/1 JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def reschedule(source, output, in_place, spec, sets, lrs, scale_lr, step, device, optimizer,
-               momentum, scheduler_key, dry_run, force, no_backup, as_json, quiet) -> int:
+@click.option("--plot", "plot_path", type=click.Path(), metavar="FILE.png",
+              help="Also draw the old and new lr curves, resume point marked (needs the [plot] "
+                   "extra).")
+def reschedule(source, output, in_place, spec, sets, lrs, scale_lr, optimizer, step, device,
+               momentum, scheduler_key, dry_run, force, no_backup, as_json, quiet,
+               plot_path) -> int:
     """Rewrite the schedule or learning rates of a saved run, resume-safely.
 
     The real torch scheduler is re-stepped to the resume step, so the output holds exactly what
@@ -197,12 +253,17 @@ def reschedule(source, output, in_place, spec, sets, lrs, scale_lr, step, device
       ckpttool reschedule fixtures/adamw_cosine.pt -o longer.pt --set T_max=80
       ckpttool reschedule run.pt -o run2.pt --scheduler "OneCycleLR(max_lr=0.01, total_steps=4000)"
       ckpttool reschedule run.pt --in-place --scale-lr 0.5
+      ckpttool reschedule run.pt --dry-run --set T_max=4000 --plot lr.png
     """
     from ckpttool import render
     from ckpttool import rescheduling as core
 
     if not dry_run and bool(output) == bool(in_place):
         raise click.UsageError("give exactly one of -o OUT and --in-place (or --dry-run)")
+    if plot_path:
+        from ckpttool import plot
+
+        plot.require_matplotlib()  # before anything is written
     from ckpttool import inspection
 
     progress = None if quiet else _progress_bar("replaying")
@@ -215,6 +276,9 @@ def reschedule(source, output, in_place, spec, sets, lrs, scale_lr, step, device
         plan = core.reschedule(ckpt, scheduler=spec, sets=sets, lr=lrs, scale_lr=scale_lr,
                                step=step, device=device, optimizer=optimizer, momentum=momentum,
                                scheduler_key=scheduler_key, progress=progress)
+        if plot_path:
+            plot.draw_png(plot.plan_series(plan, progress=progress), plot_path)
+            _note(f"wrote {plot_path}")
         saved = None
         if not dry_run:
             saved = (plan.save_in_place(backup=not no_backup, force=force, staged=staged)
@@ -228,6 +292,50 @@ def reschedule(source, output, in_place, spec, sets, lrs, scale_lr, step, device
     else:
         click.echo(render.reschedule_text(plan, saved), nl=False)
     return EXIT_OK
+
+
+@cli.command()
+@click.argument("source", type=click.Path())
+@click.option("-o", "--output", "output", type=click.Path(), metavar="FILE.png",
+              help="Draw a PNG here (needs the [plot] extra); without it, sparklines.")
+@click.option("--steps", type=click.IntRange(min=1), metavar="N",
+              help="Draw steps 0 to N (default: the schedule's own horizon).")
+@_new_schedule_options
+@click.option("--json", "as_json", is_flag=True, help="Print ckpttool.plot/1 JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def plot(source, output, steps, spec, sets, lrs, scale_lr, optimizer, as_json, quiet) -> int:
+    """Plot the lr of each param group over the whole run, the current step marked: the
+    stored schedule stepped with real torch, and the new one dashed when --scheduler, --set,
+    --lr or --scale-lr give one (as reschedule would make it).
+
+    \b
+    Example:
+      ckpttool plot fixtures/adamw_cosine.pt
+      ckpttool plot run.pt -o lr.png --set T_max=4000
+    """
+    import shutil
+
+    from ckpttool import plot as core
+    from ckpttool import render
+
+    if output:
+        core.require_matplotlib()
+    series = core.plot_series(source, scheduler=spec, sets=sets, lr=lrs, scale_lr=scale_lr,
+                              optimizer=optimizer, steps=steps,
+                              progress=None if quiet else _progress_bar("replaying"))
+    if output:
+        core.draw_png(series, output)
+        _note(f"wrote {output}")
+    if as_json:
+        click.echo(render.dumps(series.to_dict()))
+    elif not output:  # a terminal's width, or 80 columns for a pipe
+        width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 80
+        click.echo(render.plot_text(series, width), nl=False)
+    return EXIT_OK
+
+
+def _note(message: str) -> None:
+    click.echo(f"ckpttool: {message}", err=True)
 
 
 def _progress_bar(label: str):

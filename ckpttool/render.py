@@ -344,7 +344,7 @@ def plot_text(series: Any, width: int = 80) -> str:
     own range beside it, and the current step marked under them."""
     import textwrap
 
-    from ckpttool.plot import _distinct, _groups_label, _marks, column_steps, sparkline
+    from ckpttool.plot import column_steps, distinct_curves, groups_label, marks, sparkline
 
     both = len(series.curves) > 1
     panels = [("lr", "lrs")] + ([(series.momentum_key, "momentum")] if series.momentum_key
@@ -352,8 +352,8 @@ def plot_text(series: Any, width: int = 80) -> str:
     rows = []  # (panel, label, curve, values)
     for panel, field in panels:
         for name, curve in series.curves:
-            for indices, values in _distinct(getattr(curve, field) or ()):
-                rows.append((panel, (f"{name} " if both else "") + _groups_label(indices),
+            for indices, values in distinct_curves(getattr(curve, field) or ()):
+                rows.append((panel, (f"{name} " if both else "") + groups_label(indices),
                              curve, values))
     ranges = [f"{min(v):.4g} .. {max(v):.4g}" if v else "" for *_, v in rows]
     panel_w = max(len(p) for p, _ in panels)
@@ -373,7 +373,7 @@ def plot_text(series: Any, width: int = 80) -> str:
         lines.append(f"  {panel if panel != shown else '':<{panel_w}}  {label:<{label_w}}  "
                      f"{spark}  {span}".rstrip())
         shown = panel
-    for step, label in _marks(series):
+    for step, label, _ in marks(series):
         column = next(c for c in range(columns) if column_steps(c, columns, series.horizon)[1]
                       > step)
         text = f"^ {label}" if lead + column + len(label) + 2 <= width else f"{label} ^"

@@ -50,8 +50,8 @@ from ckpttool.schedulers import (
 )
 from ckpttool.serialization import TensorRef, TorchFile, load_tensor
 
-__all__ = ["VerifyResult", "build_scheduler", "materialize", "replay", "standin_optimizer",
-           "verify", "verify_together"]
+__all__ = ["VerifyResult", "build_scheduler", "materialize", "rebuild_stored", "replay",
+           "standin_optimizer", "verify", "verify_together"]
 
 # A stand-in leaves out the group keys a scheduler constructor sets itself (SCHEDULER_SET_KEYS):
 # the constructor then sets them as it did in the original run, where a stale copy would win
@@ -464,20 +464,7 @@ def verify_together(opt_class: str, groups: list[Mapping[str, Any]],
             return unavailable(
                 f"last_epoch {int_text(steps)} is more than the {MAX_VERIFY_STEPS:,} steps "
                 "ckpttool replays (a damaged counter?)")
-        first_state, first_info = schedulers[0]
-        start_lrs = _lrs_seen_by_first_scheduler(first_state, first_info)
-        if start_lrs is None and any("initial_lr" not in g for g in groups):
-            # A group lost its initial_lr (a hand edit): the scheduler's base_lrs still say what
-            # the run started from, so the replay answers "is the schedule itself clean?".
-            leaf_state, _ = next(_leaves(first_state, first_info))
-            base = leaf_state.get("base_lrs") if isinstance(leaf_state, Mapping) else None
-            start_lrs = list(base) if isinstance(base, (list, tuple)) else None
-        if start_lrs is not None and len(start_lrs) == len(groups):
-            groups_at_start = [{**g, "initial_lr": lr} for g, lr in zip(groups, start_lrs)]
-        else:
-            groups_at_start = list(groups)
-        optimizer = standin_optimizer(opt_class, groups_at_start)
-        built = [build_scheduler(info, optimizer) for _, info in schedulers]
+        optimizer, built = rebuild_stored(opt_class, groups, schedulers)
         _replay_in_turn(built, steps)
     except CkptToolError as e:
         return unavailable(str(e))
@@ -499,6 +486,45 @@ def verify_together(opt_class: str, groups: list[Mapping[str, Any]],
         results.append(VerifyResult(not lines, lines[0] if lines else None, None, lines, steps,
                                     call))
     return tuple(results)
+
+
+def rebuild_stored(opt_class: str, groups: list[Mapping[str, Any]],
+                   schedulers: Sequence[tuple[Mapping[str, Any], SchedulerInfo]]
+                   ) -> tuple[torch.optim.Optimizer, list[Any]]:
+    """The stored schedulers rebuilt at step 0 from their recovered arguments, on one stand-in
+    optimizer, in the order given: what :func:`verify_together` replays and ``plot`` draws.
+
+    The base lrs are the groups' initial_lr, or what the first scheduler saw when a later
+    OneCycleLR overwrote initial_lr, or its base_lrs when a group lost initial_lr.
+
+    Raises:
+        ReplayError: an argument that was not stored, an unknown class, no groups.
+
+    Example:
+        >>> from ckpttool.schedulers import identify_scheduler
+        >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3)
+        >>> replay(sched, 5)
+        >>> groups = opt.state_dict()["param_groups"]
+        >>> state = sched.state_dict()
+        >>> fresh, [again] = rebuild_stored("SGD", groups, [(state, identify_scheduler(state))])
+        >>> again.last_epoch, fresh.param_groups[0]["lr"]
+        (0, 0.1)
+    """
+    first_state, first_info = schedulers[0]
+    start_lrs = _lrs_seen_by_first_scheduler(first_state, first_info)
+    if start_lrs is None and any("initial_lr" not in g for g in groups):
+        # A group lost its initial_lr (a hand edit): the scheduler's base_lrs still say what
+        # the run started from, so the replay answers "is the schedule itself clean?".
+        leaf_state, _ = next(_leaves(first_state, first_info))
+        base = leaf_state.get("base_lrs") if isinstance(leaf_state, Mapping) else None
+        start_lrs = list(base) if isinstance(base, (list, tuple)) else None
+    if start_lrs is not None and len(start_lrs) == len(groups):
+        groups_at_start = [{**g, "initial_lr": lr} for g, lr in zip(groups, start_lrs)]
+    else:
+        groups_at_start = list(groups)
+    optimizer = standin_optimizer(opt_class, groups_at_start)
+    return optimizer, [build_scheduler(info, optimizer) for _, info in schedulers]
 
 
 def _replay_in_turn(schedulers: list[Any], steps: int) -> None:
