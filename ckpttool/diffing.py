@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ckpttool.directories import read_any
 from ckpttool.errors import InputError
 from ckpttool.inspection import Checkpoint, OptimizerInfo, SchedulerReport, inspect_file
 from ckpttool.serialization import (
@@ -33,7 +34,6 @@ from ckpttool.serialization import (
     TorchFile,
     dotted_name,
     join_location,
-    read_checkpoint,
     same_bytes,
     scalar_value,
     storage_extent,
@@ -284,7 +284,7 @@ def diff(a: str | os.PathLike | Checkpoint, b: str | os.PathLike | Checkpoint, *
         raise InputError(f"--only {unknown[0]!r}: choose from {', '.join(SECTIONS)}")
     if rtol < 0 or atol < 0 or math.isnan(rtol) or math.isnan(atol):
         raise InputError("--rtol and --atol must be numbers >= 0")
-    ckpt_a, ckpt_b = (x if isinstance(x, Checkpoint) else inspect_file(read_checkpoint(x))
+    ckpt_a, ckpt_b = (x if isinstance(x, Checkpoint) else inspect_file(read_any(x))
                       for x in (a, b))
     rules = _Rules(rtol, atol, tuple(only), tuple(ignore), ckpt_a, ckpt_b)
     tensors_a: dict[tuple, TensorRef] = {}

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ckpttool import layout
+from ckpttool.directories import HFRun, hf_run, read_any
 from ckpttool.errors import CkptToolError, StateError, UnsafeCheckpointError
 from ckpttool.schedulers import (
     SCHEDULER_SET_KEYS,
@@ -36,7 +37,6 @@ from ckpttool.serialization import (
     TorchFile,
     dotted_name,
     is_dangerous_global,
-    read_checkpoint,
     scalar_value,
     walk,
 )
@@ -206,6 +206,9 @@ class SchedulerReport:
     info: SchedulerInfo = field(repr=False)
     state: Any = field(repr=False, compare=False)
     verify: Any = None  # a schedule.VerifyResult after --verify
+    # The schedule by name when the checkpoint says it elsewhere: an HF Trainer's LambdaLR is
+    # `hf:linear(num_warmup_steps=5, num_training_steps=40)` from training_args.bin.
+    named: str | None = None
 
     @property
     def cls(self) -> str:
@@ -257,6 +260,7 @@ class Checkpoint:
     findings: tuple[Finding, ...]
     unsafe_globals: tuple[str, ...]
     file: TorchFile = field(repr=False, compare=False)
+    hf: HFRun | None = None  # an HF Trainer folder's schedule settings
 
     def optimizer(self, location: str) -> OptimizerInfo:
         """The optimizer at ``location`` (see :attr:`OptimizerInfo.location`)."""
@@ -716,24 +720,67 @@ def inspect_file(file: TorchFile, *, verify: bool = False) -> Checkpoint:
         findings += _guarded(findings, sched.location or "", "scheduler",
                              _findings_for_scheduler, sched) or []
     unsafe = tuple(dict.fromkeys(g for g in file.globals_seen if not _weights_only_allows(g)))
-    if unsafe:
-        findings.append(Finding(
-            "weights-only-refused", "info", "",
-            f"torch.load(weights_only=True) refuses this file: it holds {', '.join(unsafe)}",
-            "load it with torch.serialization.safe_globals([...]) for those classes; ckpttool "
-            "reads it without running them"))
+    # A folder's files are loaded one by one: each refused file is named.
+    parts = ([(name, m.globals_seen) for name, m in file.members.items()]
+             if hasattr(file, "members") else [("", file.globals_seen)])
+    for where, seen in parts:
+        refused = list(dict.fromkeys(g for g in seen if not _weights_only_allows(g)))
+        if refused:
+            findings.append(Finding(
+                "weights-only-refused", "info", where,
+                f"torch.load(weights_only=True) refuses {where or 'this file'}: it holds "
+                f"{', '.join(refused)}",
+                "load it with torch.serialization.safe_globals([...]) for those classes; "
+                "ckpttool reads it without running them"))
     if not lay.optimizers and not lay.schedulers:
         findings.append(Finding(
             "no-state", "info", "", "no optimizer or scheduler state in this checkpoint",
             "it may hold model weights only; the optimizer is often saved in another file"))
     schedulers = [s for s, _ in paired]
+    hf = hf_run(file)
+    if hf is not None:
+        schedulers, findings = _with_hf_schedule(hf, schedulers, findings)
     if verify:
         schedulers = _verify_all(file, described, paired)
         findings += [f for s in schedulers for f in _verify_findings(s)]
     order = {"error": 0, "warning": 1, "info": 2}
     findings.sort(key=lambda f: order.get(f.severity, 3))
     return Checkpoint(file.path, lay.kind, file.size, tuple(optimizers), tuple(schedulers),
-                      tuple(findings), unsafe, file)
+                      tuple(findings), unsafe, file, hf)
+
+
+# The file an HF Trainer folder keeps its scheduler state in, a LambdaLR.
+HF_SCHEDULER_FILE = "scheduler.pt"
+
+
+def _with_hf_schedule(hf: HFRun, schedulers: list[SchedulerReport],
+                      findings: list[Finding]) -> tuple[list[SchedulerReport], list[Finding]]:
+    """An HF Trainer folder's LambdaLR named after training_args.bin, and its findings: its
+    lambdas are the Trainer's (not lost), its step must be the Trainer's global_step."""
+    out = []
+    for sched in schedulers:
+        if sched.location == HF_SCHEDULER_FILE and sched.cls in ("LambdaLR", "MultiplicativeLR"):
+            if hf.spec is not None:
+                sched = replace(sched, named=hf.spec)
+                findings = [f for f in findings if not (
+                    f.location == HF_SCHEDULER_FILE and f.code == "lambda-not-stored")]
+                findings.append(Finding(
+                    "hf-schedule", "info", HF_SCHEDULER_FILE,
+                    f"the Trainer's LambdaLR; training_args.bin and trainer_state.json name "
+                    f"its schedule: {hf.spec}",
+                    "reschedule it with `--set num_training_steps=N` or an `hf:NAME(...)` "
+                    "SPEC (needs transformers: pip install 'ckpttool[hf]')"))
+            if (hf.global_step is not None and sched.last_epoch is not None
+                    and hf.global_step != sched.last_epoch):
+                findings.append(Finding(
+                    "hf-step-mismatch", "error", HF_SCHEDULER_FILE,
+                    f"trainer_state.json says global_step {int_text(hf.global_step)}, the "
+                    f"scheduler is at last_epoch {int_text(sched.last_epoch)}: the resumed "
+                    "run's lrs follow the scheduler, not the Trainer's step count",
+                    "was scheduler.pt copied from another checkpoint? take both files from "
+                    "one checkpoint-N folder"))
+        out.append(sched)
+    return out, findings
 
 
 def load(path: str | os.PathLike, *, verify: bool = False) -> Checkpoint:
@@ -748,4 +795,4 @@ def load(path: str | os.PathLike, *, verify: bool = False) -> Checkpoint:
         >>> [g.lr for g in ckpt.optimizers[0].groups]               # doctest: +SKIP
         [0.0007..., 0.0007...]
     """
-    return inspect_file(read_checkpoint(path), verify=verify)
+    return inspect_file(read_any(path), verify=verify)

@@ -89,6 +89,7 @@ def scheduler_dict(s: SchedulerReport, *, top: bool = True) -> dict:
         "args": jsonable(s.args), "call": s.call,
         "children": [scheduler_dict(c, top=False) for c in s.children],
         "unrecoverable": list(s.unrecoverable),
+        "named": s.named,
     })
     if s.candidates:
         out["candidates"] = list(s.candidates)
@@ -112,7 +113,31 @@ def show_dict(ckpt: Checkpoint) -> dict:
         "optimizers": [optimizer_dict(o) for o in ckpt.optimizers],
         "schedulers": [scheduler_dict(s) for s in ckpt.schedulers],
         "findings": [finding_dict(f) for f in ckpt.findings],
+        **({"hf": hf_dict(ckpt.hf)} if ckpt.hf is not None else {}),
     }
+
+
+def hf_dict(hf: Any) -> dict:
+    """What an HF Trainer folder says of its schedule (``show --json``'s ``hf``)."""
+    return {"global_step": hf.global_step, "max_steps": hf.max_steps,
+            "lr_scheduler_type": hf.scheduler_type, "warmup_steps": hf.warmup_steps,
+            "warmup_given": jsonable(hf.warmup_given), "learning_rate": jsonable(hf.learning_rate),
+            "lr_scheduler_kwargs": jsonable(hf.scheduler_kwargs), "optim": hf.optim,
+            "schedule": hf.spec,
+            "logged_lrs": [[step, jsonable(lr)] for step, lr in hf.logged]}
+
+
+def _hf_lines(hf: Any) -> list[str]:
+    warmup = _text(hf.warmup_steps)
+    if hf.warmup_given is not None and hf.warmup_given != hf.warmup_steps:
+        warmup += f" (warmup_steps={_text(hf.warmup_given)}, a ratio)"
+    return [f"HF Trainer: global_step {_text(hf.global_step)} of max_steps "
+            f"{_text(hf.max_steps)}",
+            f"  lr_scheduler_type {_text(hf.scheduler_type)}, warmup {warmup}, learning_rate "
+            f"{_text(hf.learning_rate)}, optim {_text(hf.optim)}"
+            + (f", lr_scheduler_kwargs {_text(dict(hf.scheduler_kwargs))}"
+               if hf.scheduler_kwargs else ""),
+            f"  {_plural(len(hf.logged), 'logged lr')} in trainer_state.json"]
 
 
 def dumps(doc: Any) -> str:
@@ -188,7 +213,8 @@ def _optimizer_lines(opt: OptimizerInfo) -> list[str]:
 
 def _scheduler_lines(s: SchedulerReport, indent: str = "") -> list[str]:
     top = s.location is not None
-    head = f"{indent}[{s.location}] {s.call}" if top else f"{indent}{s.call}"
+    call = f"{s.cls} = {s.named}" if s.named else s.call
+    head = f"{indent}[{s.location}] {call}" if top else f"{indent}{call}"
     if top:
         if s.optimizer:
             head += f"\n{indent}  drives [{s.optimizer}] (paired by {s.pairing})"
@@ -197,7 +223,7 @@ def _scheduler_lines(s: SchedulerReport, indent: str = "") -> list[str]:
         else:
             head += f"\n{indent}  drives no optimizer in this file"
     lines = [head]
-    if s.candidates:
+    if s.candidates and not s.named:
         lines.append(f"{indent}  class: {' or '.join(s.candidates)} (same saved state)")
     counters = []
     if s.last_epoch is not None:
@@ -216,7 +242,7 @@ def _scheduler_lines(s: SchedulerReport, indent: str = "") -> list[str]:
         sub = _scheduler_lines(child, indent + "      ")
         lines.append(f"{indent}    [{i}] " + sub[0].lstrip())
         lines += sub[1:]
-    if top:  # a sub-scheduler's are listed with its parent's, by position
+    if top and not s.named:  # a sub-scheduler's are listed with its parent's, by position
         lines += [f"{indent}  not recoverable: {text}" for text in s.unrecoverable]
     if s.verify is not None:
         v = s.verify
@@ -244,6 +270,8 @@ def _finding_lines(findings: tuple[Finding, ...]) -> list[str]:
 def show_text(ckpt: Checkpoint) -> str:
     """The human report of one checkpoint."""
     blocks = [[f"{ckpt.path}  ({ckpt.kind}, {_size(ckpt.size)})"]]
+    if ckpt.hf is not None:
+        blocks.append(_hf_lines(ckpt.hf))
     blocks += [_optimizer_lines(o) for o in ckpt.optimizers]
     blocks += [_scheduler_lines(s) for s in ckpt.schedulers]
     blocks.append(_finding_lines(ckpt.findings))
