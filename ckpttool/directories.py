@@ -44,6 +44,8 @@ HF_MARKERS = ("trainer_state.json", "training_args.bin")
 HF_STATE_FILES = ("optimizer.pt", "scheduler.pt")
 ACCELERATE_STATE = re.compile(r"(optimizer|scheduler)(_\d+)?\.bin")
 DCP_METADATA = ".metadata"
+# The kinds of checkpoint that are folders.
+FOLDER_KINDS = ("hf-trainer", "accelerate", "dcp")
 # The largest JSON file or safetensors header read: a trainer_state.json of a long run with
 # dense logging is a few MB.
 MAX_JSON_BYTES = 256 << 20

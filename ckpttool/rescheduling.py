@@ -25,7 +25,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ckpttool import inspection
-from ckpttool.errors import CkptToolError, ReplayError, StateError
+from ckpttool.directories import FOLDER_KINDS
+from ckpttool.errors import CkptToolError, InputError, ReplayError, StateError
 from ckpttool.inspection import Checkpoint, OptimizerInfo, SchedulerReport
 from ckpttool.schedulers import SCHEDULER_SET_KEYS, SchedulerInfo, format_call, replay_steps, same
 from ckpttool.serialization import TensorRef, read_checkpoint
@@ -346,6 +347,9 @@ def reschedule(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None,
     from ckpttool import schedule, spec
 
     ckpt = source if isinstance(source, Checkpoint) else inspection.load(source)
+    if ckpt.kind in FOLDER_KINDS:
+        raise InputError(f"{ckpt.path}: rewriting {ckpt.kind} checkpoint folders is not "
+                         "supported yet (`show`, `diff` and `plot` read it); see issue #5")
     opt = _choose_optimizer(ckpt, optimizer)
     old = _paired_scheduler(ckpt, opt)
     file = ckpt.file
