@@ -737,6 +737,8 @@ def inspect_file(file: TorchFile, *, verify: bool = False) -> Checkpoint:
             "no-state", "info", "", "no optimizer or scheduler state in this checkpoint",
             "it may hold model weights only; the optimizer is often saved in another file"))
     schedulers = [s for s, _ in paired]
+    if lay.kind == "lightning" and len(optimizers) == 1:
+        findings += _lightning_step_findings(file.root, schedulers)
     hf = hf_run(file)
     if hf is not None:
         schedulers, findings = _with_hf_schedule(hf, schedulers, findings)
@@ -747,6 +749,29 @@ def inspect_file(file: TorchFile, *, verify: bool = False) -> Checkpoint:
     findings.sort(key=lambda f: order.get(f.severity, 3))
     return Checkpoint(file.path, lay.kind, file.size, tuple(optimizers), tuple(schedulers),
                       tuple(findings), unsafe, file, hf)
+
+
+def _lightning_step_findings(root: Mapping, schedulers: list[SchedulerReport]) -> list[Finding]:
+    """A Lightning scheduler whose step is neither the Trainer's global_step (interval "step")
+    nor its epoch (interval "epoch"; ReduceLROnPlateau lags one): its resume is off. (With one
+    optimizer only: global_step counts the steps of all of them.)"""
+    step, epoch = _int_or_none(root.get("global_step")), _int_or_none(root.get("epoch"))
+    if step is None or epoch is None:
+        return []
+    out = []
+    for sched in schedulers:
+        last = sched.last_epoch
+        if last is None or last in (step, epoch, epoch - 1):
+            continue
+        out.append(Finding(
+            "lightning-step-mismatch", "warning", sched.location or "",
+            f"the scheduler is at last_epoch {int_text(last)}, but the Trainer's global_step "
+            f"is {int_text(step)} and its epoch {int_text(epoch)}: a schedule stepped every "
+            "optimizer step (interval \"step\") should be at global_step, one stepped every "
+            "epoch at epoch",
+            "unless its frequency is not 1, the scheduler state comes from another run or "
+            "was edited; `ckpttool reschedule --step N` sets the position"))
+    return out
 
 
 # The file an HF Trainer folder keeps its scheduler state in, a LambdaLR.

@@ -502,3 +502,20 @@ def test_numpy_scalar_lrs_read_as_numbers(tmp_path):
     lr = ckpt.optimizers[0].groups[0].lr
     assert type(lr) is float and lr == float(state["param_groups"][0]["lr"])
     assert "lr-mismatch" not in {f.code for f in ckpt.findings}
+
+
+def test_lightning_scheduler_off_the_trainer_step(tmp_path):
+    """A Lightning scheduler at neither global_step nor epoch is found; the fixtures are not."""
+    import torch
+
+    from ckpttool import load
+
+    assert "lightning-step-mismatch" not in {
+        f.code for p in ("layouts/lightning.ckpt", "dirs/lightning/two_optimizers.ckpt")
+        for f in load(FIXTURES / p).findings}
+    ckpt = torch.load(FIXTURES / "layouts/lightning.ckpt", weights_only=False)
+    ckpt["lr_schedulers"][0]["last_epoch"] = 11
+    torch.save(ckpt, tmp_path / "off.ckpt")
+    (f,) = [f for f in load(tmp_path / "off.ckpt").findings
+            if f.code == "lightning-step-mismatch"]
+    assert f.location == "lr_schedulers/0" and "global_step is 16" in f.message
