@@ -156,6 +156,13 @@ class Rescheduled:
 
         return schedule.verify_resume(self, read_checkpoint(path), steps)
 
+    def __str__(self) -> str:
+        """The report ``ckpttool reschedule --dry-run`` prints: per group old -> new, the
+        scheduler, and the resume recipe."""
+        from ckpttool.render import reschedule_text
+
+        return reschedule_text(self)
+
     def to_dict(self) -> dict:
         from ckpttool.render import jsonable
 
@@ -372,8 +379,9 @@ def reschedule(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None,
             target = parsed
         elif isinstance(parsed, spec.Factory):
             target, factory = None, parsed.build
-        else:
-            raise StateError(f"{scheduler}: HuggingFace schedules (hf:...) are not supported yet")
+        else:  # hf:NAME(...): built by transformers' get_scheduler; --set edits its arguments
+            hf_spec = parsed.with_sets(list(sets))
+            target, factory, sets, scheduler = None, hf_spec.build, (), hf_spec.text
     if sets:
         if target is None:
             raise StateError("--set changes a SPEC's arguments; a factory's cannot be changed")

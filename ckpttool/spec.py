@@ -122,12 +122,71 @@ _NODE_WORDS: dict[type, str] = {
 # --- results ----------------------------------------------------------------------------------
 
 
+# transformers.get_scheduler's own parameters; every other hf: argument is one of the named
+# schedule's (scheduler_specific_kwargs: num_cycles, power, lr_end, min_lr, ...).
+HF_MAIN_ARGS = ("num_warmup_steps", "num_training_steps")
+
+
 @dataclass(frozen=True)
 class HFSpec:
-    """A HuggingFace named schedule, ``hf:NAME(...)``: the name and its literal keyword args."""
+    """A HuggingFace named schedule, ``hf:NAME(...)``: the name and its literal keyword args.
+
+    It is built by transformers' own ``get_scheduler`` (the ``[hf]`` extra), never by a formula
+    of ckpttool's.
+    """
 
     name: str
     args: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        """The SPEC: ``hf:linear(num_warmup_steps=5, num_training_steps=40)``."""
+        return f"hf:{self.name}({', '.join(f'{k}={v!r}' for k, v in self.args.items())})"
+
+    @property
+    def python(self) -> str:
+        """The call a training script makes to build it."""
+        main = [f"{k}={self.args[k]!r}" for k in HF_MAIN_ARGS if k in self.args]
+        extra = {k: v for k, v in self.args.items() if k not in HF_MAIN_ARGS}
+        if extra:
+            main.append(f"scheduler_specific_kwargs={extra!r}")
+        return f"transformers.get_scheduler({self.name!r}, optimizer, {', '.join(main)})"
+
+    def with_sets(self, assignments: list[str]) -> HFSpec:
+        """This schedule with ``--set NAME=VALUE`` applied (``--set num_training_steps=80``).
+
+        Raises:
+            SpecError: a malformed assignment or a value that is not a literal.
+        """
+        args = dict(self.args)
+        for assignment in assignments:
+            name, sep, raw = (part.strip() for part in assignment.partition("="))
+            if not sep or not re.fullmatch(_IDENT, name) or not raw:
+                raise SpecError(f"--set {assignment!r}: expected NAME=VALUE, e.g. --set "
+                                "num_training_steps=4000")
+            args[name] = _parse_hf(f"hf:x({name}={raw})").args[name]
+        return HFSpec(self.name, args)
+
+    def build(self, optimizer: Any) -> Any:
+        """The scheduler transformers builds for this schedule on ``optimizer``.
+
+        Raises:
+            SpecError: transformers is not installed, or refuses the name or the arguments.
+        """
+        try:
+            import transformers
+        except ImportError:
+            raise SpecError(f"{self.text} needs transformers: pip install 'ckpttool[hf]'") \
+                from None
+        extra = {k: v for k, v in self.args.items() if k not in HF_MAIN_ARGS}
+        try:
+            return transformers.get_scheduler(
+                self.name, optimizer, num_warmup_steps=self.args.get("num_warmup_steps"),
+                num_training_steps=self.args.get("num_training_steps"),
+                scheduler_specific_kwargs=extra or None)
+        except (ValueError, TypeError, KeyError) as e:
+            text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise SpecError(f"transformers refused {self.text}: {text}") from None
 
 
 @dataclass(frozen=True)

@@ -703,3 +703,69 @@ def test_leaving_a_cycling_schedule_says_where_the_base_lr_comes_from():
     plan = ckpttool.reschedule(FIXTURES / "schedulers/OneCycleLR.pt",
                                scheduler="CosineAnnealingLR(T_max=40)", momentum=0.9)
     assert any("pass --lr to choose the base lr" in n for n in plan.notes)
+
+
+HF_SCHEDULES = [
+    ("linear", dict(num_warmup_steps=3, num_training_steps=30)),
+    ("cosine", dict(num_warmup_steps=2, num_training_steps=40, num_cycles=0.5)),
+    ("cosine_with_restarts", dict(num_warmup_steps=2, num_training_steps=40, num_cycles=2)),
+    ("polynomial", dict(num_warmup_steps=4, num_training_steps=30, power=2.0, lr_end=1e-5)),
+    ("constant_with_warmup", dict(num_warmup_steps=5)),
+    ("inverse_sqrt", dict(num_warmup_steps=4)),
+]
+
+
+@pytest.mark.parametrize("name, args", HF_SCHEDULES, ids=[n for n, _ in HF_SCHEDULES])
+def test_hf_schedules_resume_as_a_run_that_used_them(tmp_path, name, args):
+    """hf:NAME(...) is built by transformers' get_scheduler; the oracle is transformers too."""
+    transformers = pytest.importorskip("transformers")
+    steps, groups = 12, [0.01, 0.002]
+
+    def build(opt):
+        main = {k: args[k] for k in ("num_warmup_steps", "num_training_steps") if k in args}
+        extra = {k: v for k, v in args.items() if k not in main}
+        return transformers.get_scheduler(name, opt, **main,
+                                          scheduler_specific_kwargs=extra or None)
+
+    # A checkpoint of an AdamW run with a StepLR, at step 12.
+    opt = make_opt("AdamW", groups, None, 0.9, [2, 1])
+    sched = L.StepLR(opt, step_size=5, gamma=0.5)
+    for _ in range(steps):
+        step_once(opt, sched)
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp_path / "a.pt")
+    spec = f"hf:{name}(" + ", ".join(f"{k}={v!r}" for k, v in args.items()) + ")"
+    ckpttool.reschedule(tmp_path / "a.pt", scheduler=spec).save(tmp_path / "b.pt")
+    # The run that used the HF schedule from step 0 ...
+    ref_opt = make_opt("AdamW", groups, None, 0.9, [2, 1])
+    ref = build(ref_opt)
+    for _ in range(steps):
+        step_once(ref_opt, ref)
+    expected = [snapshot(ref_opt)]  # the lr the first resumed step uses, then the next ones
+    for _ in range(RESUMED_STEPS):
+        step_once(ref_opt, ref)
+        expected.append(snapshot(ref_opt))
+    # ... and the resumed one, loaded the documented way.
+    ckpt = torch.load(tmp_path / "b.pt", weights_only=True)
+    new_opt = make_opt("AdamW", groups, None, 0.9, [2, 1])
+    new_sched = build(new_opt)
+    new_opt.load_state_dict(ckpt["optimizer"])
+    new_sched.load_state_dict(ckpt["scheduler"])
+    got = [snapshot(new_opt)]
+    for _ in range(RESUMED_STEPS):
+        step_once(new_opt, new_sched)
+        got.append(snapshot(new_opt))
+    assert same(got, expected)
+
+
+def test_hf_spec_set_and_missing_transformers(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    plan = ckpttool.reschedule(FIXTURES / "adamw_cosine.pt",
+                               scheduler="hf:linear(num_warmup_steps=5, num_training_steps=40)",
+                               sets=["num_training_steps=80"])
+    assert "hf:linear(num_warmup_steps=5, num_training_steps=80)" in plan.new_call
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(CkptToolError, match=r"pip install 'ckpttool\[hf\]'"):
+        ckpttool.reschedule(FIXTURES / "adamw_cosine.pt", scheduler="hf:linear(num_warmup_steps=5, "
+                            "num_training_steps=40)")
