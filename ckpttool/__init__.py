@@ -12,11 +12,13 @@ Example:
 
 __version__ = "0.1.0"
 
+from ckpttool.batch import Found, expand_paths  # noqa: E402
 from ckpttool.diffing import Diff, diff  # noqa: E402
 from ckpttool.errors import CkptToolError  # noqa: E402
 from ckpttool.inspection import Checkpoint, load  # noqa: E402
 from ckpttool.plot import PlotSeries, draw_png, plan_series, plot_series  # noqa: E402
-from ckpttool.rescheduling import Rescheduled, reschedule  # noqa: E402
+from ckpttool.rescheduling import Rescheduled, SaveResult, reschedule  # noqa: E402
 
-__all__ = ["Checkpoint", "CkptToolError", "Diff", "PlotSeries", "Rescheduled", "diff",
-           "draw_png", "load", "plan_series", "plot_series", "reschedule", "__version__"]
+__all__ = ["Checkpoint", "CkptToolError", "Diff", "Found", "PlotSeries", "Rescheduled",
+           "SaveResult", "diff", "draw_png", "expand_paths", "load", "plan_series", "plot_series",
+           "reschedule", "__version__"]

@@ -6,9 +6,11 @@ only here; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import textwrap
+import time
 import traceback
 
 import click
@@ -92,6 +94,7 @@ def _internal_error(e: Exception) -> str:
 
 
 def _error(message: str) -> None:
+    _end_bars()
     click.echo(f"ckpttool: error: {' '.join(str(message).split())}", err=True)
 
 
@@ -109,62 +112,80 @@ def cli(debug: bool) -> None:
 
 
 @cli.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print ckpttool.show/1 JSON.")
+@click.argument("paths", metavar="PATH...", nargs=-1, required=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True,
+              help="Print ckpttool.show/1 JSON (a list of them for several checkpoints).")
 @click.option("--verify", is_flag=True,
               help="Replay each schedule with real torch and say whether the stored state is "
                    "bit-identical to a clean run (imports torch).")
-def show(paths: tuple[str, ...], as_json: bool, verify: bool) -> int:
+@click.option("--full", is_flag=True,
+              help="With several checkpoints: the full report of each, not one summary table.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def show(paths: tuple[str, ...], as_json: bool, verify: bool, full: bool, quiet: bool) -> int:
     """Show the optimizer and scheduler state of checkpoints: per-group lr and initial_lr,
     scheduler class, step and arguments, and findings that would break a resume.
 
-    Reads no tensor data and runs no code from the file. Several PATHs give one report each
-    (a JSON list with --json); a PATH that fails is reported and the exit code is 2.
+    Reads no tensor data and runs no code from the file. A PATH may be a folder of runs
+    (searched for *.pt, *.pth, *.ckpt, *.bin) or a pattern. Several checkpoints give one
+    summary table (--full: a report each; --json: a list); any that fails is reported and the
+    exit code is 2.
 
     \b
     Example:
       ckpttool show fixtures/adamw_cosine.pt
       ckpttool show --json --verify run/ckpt.pt
+      ckpttool show runs/            # a summary table of every checkpoint under runs/
     """
-    from ckpttool import inspection, render
+    from ckpttool import batch, inspection, render
 
-    debug = click.get_current_context().find_root().params.get("debug", False)
-    docs, failed = [], False
-    for i, path in enumerate(paths):
+    found = batch.expand_paths(paths)
+    if len(paths) == 1 and not found[0].expanded:  # one checkpoint: its report
+        ckpt = inspection.load(found[0].path, verify=verify)
+        click.echo(render.dumps(render.show_dict(ckpt)) if as_json else render.show_text(ckpt),
+                   nl=as_json)
+        return EXIT_OK
+    streaming = full and not as_json  # reports as they come; else all at the end, with a bar
+    progress = None if streaming else _progress_bar("reading", quiet=quiet, minimum=2,
+                                                    delay=BAR_DELAY_S)
+    outs, failed = [], 0
+    for i, f in enumerate(found):
         try:
-            ckpt = inspection.load(path, verify=verify)
+            ckpt = inspection.load(f.path, verify=verify)
             # Rendered here, so that a failure to render one PATH is that PATH's failure.
-            out = (render.dumps(render.show_dict(ckpt)) if as_json
-                   else ("\n" if i else "") + render.show_text(ckpt))
-        except Exception as e:
-            if len(paths) == 1:
-                raise
-            if debug:
-                traceback.print_exc()
-            # With several PATHs one that fails, even by a bug, must not lose the others.
-            message = str(e) if isinstance(e, CkptToolError) else f"{path}: {_internal_error(e)}"
-            _error(message)
-            failed = True
             if as_json:
-                docs.append(render.dumps({"schema": render.SHOW_SCHEMA, "path": path,
-                                          "error": message}))
-            continue
-        if as_json:
-            docs.append(out)
+                out = render.dumps(render.show_dict(ckpt))
+            elif full:
+                out = ("\n" if i else "") + render.show_text(ckpt)
+            else:
+                out = render.show_summary_row(ckpt)
+        except Exception as e:  # with several PATHs one that fails, even by a bug, loses no other
+            message = _batch_error(e, f.path)
+            failed += 1
+            if as_json:
+                out = render.dumps({"schema": render.SHOW_SCHEMA, "path": f.path,
+                                    "error": message})
+            else:
+                out = None if full else render.show_summary_failed_row(f.path)
+        if streaming:
+            if out is not None:
+                click.echo(out, nl=False)
         else:
-            click.echo(out, nl=False)
+            outs.append(out)
+        if progress is not None:
+            progress(i + 1, len(found))
     if as_json:  # the same text json.dumps(indent=2) writes for the list, one document at a time
-        click.echo(docs[0] if len(paths) == 1
-                   else "[\n" + ",\n".join(textwrap.indent(d, "  ") for d in docs) + "\n]")
+        click.echo("[\n" + ",\n".join(textwrap.indent(d, "  ") for d in outs) + "\n]")
+    elif not full:
+        click.echo(render.show_summary_text(outs, failed), nl=False)
     return EXIT_ERROR if failed else EXIT_OK
 
 
 @cli.command()
 @click.argument("a", type=click.Path())
 @click.argument("b", type=click.Path())
-@click.option("--rtol", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--rtol", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="R",
               help="Relative tolerance: x equals y when |x-y| <= atol + rtol*|y|.")
-@click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="T",
               help="Absolute tolerance (see --rtol); both 0: exact.")
 @click.option("--only", multiple=True, type=click.Choice(["optimizer", "scheduler", "tensors",
                                                           "other"]),
@@ -192,7 +213,8 @@ def diff(a, b, rtol, atol, only, ignore, limit, as_json, quiet) -> int:
     from ckpttool import diffing, render
 
     result = diffing.diff(a, b, rtol=rtol, atol=atol, only=only, ignore=ignore,
-                       progress=None if quiet else _progress_bar("comparing"))
+                          progress=_progress_bar("comparing", quiet=quiet,
+                                                 minimum=BAR_MIN_BYTES))
     if as_json:
         click.echo(render.dumps(render.diff_dict(result, limit=limit)))
     else:
@@ -202,8 +224,9 @@ def diff(a, b, rtol, atol, only, ignore, limit, as_json, quiet) -> int:
 
 
 def _new_schedule_options(command):
-    """--scheduler, --set, --lr, --scale-lr: the new schedule, the same for reschedule and plot
-    (both hand them to rescheduling.reschedule), and --optimizer to choose whose."""
+    """--scheduler, --set, --lr, --scale-lr, --step, --momentum: the new schedule, the same for
+    reschedule and plot (both hand them to rescheduling.reschedule), and --optimizer to choose
+    whose."""
     for option in reversed([
         click.option("--scheduler", "spec", metavar="SPEC",
                      help="The new schedule: 'CosineAnnealingLR(T_max=2000)', or FILE.py:FUNC / "
@@ -213,6 +236,10 @@ def _new_schedule_options(command):
         click.option("--lr", "lrs", multiple=True, metavar="[GROUP=]VALUE",
                      help="New base lr for every group, or for one group; repeatable."),
         click.option("--scale-lr", type=float, metavar="FACTOR", help="Multiply the base lrs."),
+        click.option("--step", type=click.IntRange(min=0), metavar="N",
+                     help="Resume position of the new schedule (default: the stored step)."),
+        click.option("--momentum", type=float, metavar="VALUE",
+                     help="Momentum / beta1 to leave when the old schedule cycled it."),
         click.option("--optimizer", "optimizer", metavar="LOCATION",
                      help="Which optimizer, when the checkpoint holds several (see `show`)."),
     ]):
@@ -221,32 +248,36 @@ def _new_schedule_options(command):
 
 
 @cli.command()
-@click.argument("source", type=click.Path())
-@click.option("-o", "--output", "output", type=click.Path(), help="Write the result here.")
-@click.option("--in-place", is_flag=True, help="Rewrite SOURCE itself (keeps SOURCE.bak).")
+@click.argument("sources", metavar="IN...", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", "output", type=click.Path(), metavar="OUT",
+              help="Write the result here (one IN).")
+@click.option("--out-dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Write each result to DIR/<name of IN> (any number of INs).")
+@click.option("--in-place", is_flag=True, help="Rewrite each IN itself (keeps IN.bak).")
 @_new_schedule_options
-@click.option("--step", type=click.IntRange(min=0), help="Resume position (default: stored).")
-@click.option("--device", help="Device for the recompute of tensor lrs (default: where saved).")
-@click.option("--momentum", type=float,
-              help="Momentum / beta1 to leave when the old schedule cycled it.")
-@click.option("--scheduler-key", default="scheduler", show_default=True,
+@click.option("--device", metavar="DEV",
+              help="Device for the recompute of tensor lrs (default: where saved).")
+@click.option("--scheduler-key", default="scheduler", show_default=True, metavar="NAME",
               help="Key for the new scheduler state when the checkpoint has none.")
 @click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output (or backup).")
-@click.option("--no-backup", is_flag=True, help="With --in-place: keep no SOURCE.bak.")
-@click.option("--json", "as_json", is_flag=True, help="Print ckpttool.reschedule/1 JSON.")
+@click.option("--no-backup", is_flag=True, help="With --in-place: keep no IN.bak.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print ckpttool.reschedule/1 JSON (a list of them for several INs).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--plot", "plot_path", type=click.Path(), metavar="FILE.png",
               help="Also draw the old and new lr curves, resume point marked (needs the [plot] "
-                   "extra).")
-def reschedule(source, output, in_place, spec, sets, lrs, scale_lr, optimizer, step, device,
-               momentum, scheduler_key, dry_run, force, no_backup, as_json, quiet,
+                   "extra; one IN).")
+def reschedule(sources, output, out_dir, in_place, spec, sets, lrs, scale_lr, step, momentum,
+               optimizer, device, scheduler_key, dry_run, force, no_backup, as_json, quiet,
                plot_path) -> int:
-    """Rewrite the schedule or learning rates of a saved run, resume-safely.
+    """Rewrite the schedule or learning rates of saved runs, resume-safely.
 
     The real torch scheduler is re-stepped to the resume step, so the output holds exactly what
     a run with the new schedule would hold there; tensor bytes are copied untouched. The output
-    is re-read and verified before ckpttool says so.
+    is re-read and verified before ckpttool says so. Several INs (or a folder of runs, or a
+    pattern) are each written atomically, with a summary at the end; if any fails, the others
+    are still written and the exit code is 2.
 
     \b
     Example:
@@ -254,48 +285,136 @@ def reschedule(source, output, in_place, spec, sets, lrs, scale_lr, optimizer, s
       ckpttool reschedule run.pt -o run2.pt --scheduler "OneCycleLR(max_lr=0.01, total_steps=4000)"
       ckpttool reschedule run.pt --in-place --scale-lr 0.5
       ckpttool reschedule run.pt --dry-run --set T_max=4000 --plot lr.png
+      ckpttool reschedule sweep/ --out-dir sweep-halved/ --scale-lr 0.5
     """
-    from ckpttool import render
-    from ckpttool import rescheduling as core
+    from ckpttool import batch, render
+    from ckpttool.rescheduling import RESCHEDULE_SCHEMA
 
-    if not dry_run and bool(output) == bool(in_place):
-        raise click.UsageError("give exactly one of -o OUT and --in-place (or --dry-run)")
+    if sum(map(bool, (output, out_dir, in_place))) > 1:
+        raise click.UsageError("give exactly one of -o OUT, --out-dir DIR and --in-place")
+    if not (dry_run or output or out_dir or in_place):
+        raise click.UsageError("give exactly one of -o OUT, --out-dir DIR and --in-place "
+                               "(or --dry-run)")
+    found = batch.expand_paths(sources)
+    many = len(sources) > 1 or found[0].expanded
+    if many and output:
+        raise click.UsageError("-o names one output; for several inputs use --out-dir DIR")
+    if many and plot_path:
+        raise click.UsageError("--plot draws the change of one input; plot the others with "
+                               "`ckpttool plot IN --set ...`")
+    targets = [f.path if in_place else output or (os.path.join(out_dir, f.name) if out_dir
+                                                   else None) for f in found]
+    _refuse_shared_targets(found, targets)
     if plot_path:
         from ckpttool import plot
 
         plot.require_matplotlib()  # before anything is written
-    from ckpttool import inspection
+    options = dict(scheduler=spec, sets=sets, lr=lrs, scale_lr=scale_lr, step=step,
+                   device=device, optimizer=optimizer, momentum=momentum,
+                   scheduler_key=scheduler_key)
+    write = dict(in_place=in_place, dry_run=dry_run, force=force, backup=not no_backup,
+                 make_folders=bool(out_dir))
+    if not many:
+        plan, saved = _reschedule_one(found[0].path, targets[0], options, **write,
+                                      plot_path=plot_path,
+                                      progress=_progress_bar("replaying", quiet=quiet),
+                                      write_progress=_progress_bar("writing", quiet=quiet,
+                                                                   minimum=BAR_MIN_BYTES))
+        click.echo(render.dumps(render.reschedule_dict(plan, saved)) if as_json
+                   else render.reschedule_text(plan, saved), nl=as_json)
+        return EXIT_OK
+    bar = _progress_bar("rescheduling", quiet=quiet, minimum=2, delay=BAR_DELAY_S)
+    entries = []  # (input, output, plan or None, saved or None, JSON document)
+    for i, (f, target) in enumerate(zip(found, targets)):
+        try:
+            plan, saved = _reschedule_one(f.path, target, options, **write)
+            doc = render.reschedule_dict(plan, saved) if as_json else None
+        except Exception as e:  # each input stands alone: nothing is left of a failed one
+            message = _batch_error(e, f.path)
+            plan = saved = None
+            doc = {"schema": RESCHEDULE_SCHEMA, "path": f.path, "error": message}
+        entries.append((f.path, target, plan, saved, doc))
+        if bar is not None:
+            bar(i + 1, len(found))
+    if as_json:
+        click.echo(render.dumps([doc for *_, doc in entries]))
+    else:
+        click.echo(render.reschedule_summary_text([e[:4] for e in entries], dry_run=dry_run),
+                   nl=False)
+    return EXIT_ERROR if any(plan is None for _, _, plan, _, _ in entries) else EXIT_OK
 
-    progress = None if quiet else _progress_bar("replaying")
-    ckpt = inspection.load(source)
-    staged = None  # the big tensor records are copied while torch loads and the replay runs
-    if not dry_run:
-        staged = core.start_output(ckpt, source if in_place else output,
-                                   optimizer=optimizer, force=force)
+
+def _make_folders(folder: str) -> list[str]:
+    """Create ``folder`` and its missing parents; return those created, outermost first."""
+    missing = []
+    while folder and not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    made = []
     try:
-        plan = core.reschedule(ckpt, scheduler=spec, sets=sets, lr=lrs, scale_lr=scale_lr,
-                               step=step, device=device, optimizer=optimizer, momentum=momentum,
-                               scheduler_key=scheduler_key, progress=progress)
+        for path in reversed(missing):
+            os.mkdir(path)
+            made.append(path)
+    except OSError:
+        for path in reversed(made):
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+        raise
+    return made
+
+
+def _refuse_shared_targets(found: list, targets: list) -> None:
+    """Two inputs written to one file would leave only the second: refuse before writing."""
+    seen: dict[str, str] = {}
+    for f, target in zip(found, targets):
+        if target is None:
+            continue
+        key = os.path.realpath(target)
+        if key in seen:
+            raise click.UsageError(f"{seen[key]} and {f.path} would both be written to "
+                                   f"{target}; give them different names")
+        seen[key] = f.path
+
+
+def _reschedule_one(source: str, target: str | None, options: dict, *, in_place: bool,
+                    dry_run: bool, force: bool, backup: bool, make_folders: bool = False,
+                    plot_path: str | None = None, progress=None, write_progress=None):
+    """Plan, draw and write one reschedule: (plan, SaveResult or None). Whatever fails, nothing
+    is left behind for this input: the staged copy is removed, the write is atomic, and the
+    folders made for the output (``make_folders``: --out-dir) are removed again."""
+    from ckpttool import inspection
+    from ckpttool import rescheduling as core
+
+    ckpt = inspection.load(source)
+    staged, made = None, []
+    try:
+        if not dry_run:
+            if make_folders:
+                made = _make_folders(os.path.dirname(target))
+            # the big tensor records are copied while torch loads and the replay runs
+            staged = core.start_output(ckpt, target, optimizer=options["optimizer"], force=force)
+        plan = core.reschedule(ckpt, progress=progress, **options)
         if plot_path:
+            from ckpttool import plot
+
             plot.draw_png(plot.plan_series(plan, progress=progress), plot_path)
             _note(f"wrote {plot_path}")
         saved = None
         if not dry_run:
-            saved = (plan.save_in_place(backup=not no_backup, force=force, staged=staged)
-                     if in_place else plan.save(output, force=force, staged=staged))
+            saved = (plan.save_in_place(backup=backup, force=force, staged=staged) if in_place
+                     else plan.save(target, force=force, staged=staged, progress=write_progress))
     except BaseException:
         if staged is not None:
             staged.abort()
+        for folder in reversed(made):  # innermost first, each only if still empty
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
         raise
-    if as_json:
-        click.echo(render.dumps(render.reschedule_dict(plan, saved)))
-    else:
-        click.echo(render.reschedule_text(plan, saved), nl=False)
-    return EXIT_OK
+    return plan, saved
 
 
 @cli.command()
-@click.argument("source", type=click.Path())
+@click.argument("source", metavar="PATH", type=click.Path())
 @click.option("-o", "--output", "output", type=click.Path(), metavar="FILE.png",
               help="Draw a PNG here (needs the [plot] extra); without it, sparklines.")
 @click.option("--steps", type=click.IntRange(min=1), metavar="N",
@@ -303,15 +422,17 @@ def reschedule(source, output, in_place, spec, sets, lrs, scale_lr, optimizer, s
 @_new_schedule_options
 @click.option("--json", "as_json", is_flag=True, help="Print ckpttool.plot/1 JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def plot(source, output, steps, spec, sets, lrs, scale_lr, optimizer, as_json, quiet) -> int:
+def plot(source, output, steps, spec, sets, lrs, scale_lr, step, momentum, optimizer, as_json,
+         quiet) -> int:
     """Plot the lr of each param group over the whole run, the current step marked: the
     stored schedule stepped with real torch, and the new one dashed when --scheduler, --set,
-    --lr or --scale-lr give one (as reschedule would make it).
+    --lr, --scale-lr, --step or --momentum give one (as reschedule would make it).
 
     \b
     Example:
       ckpttool plot fixtures/adamw_cosine.pt
       ckpttool plot run.pt -o lr.png --set T_max=4000
+      ckpttool plot run.pt --scheduler "CosineAnnealingLR(T_max=4000)" --step 1000
     """
     import shutil
 
@@ -321,8 +442,8 @@ def plot(source, output, steps, spec, sets, lrs, scale_lr, optimizer, as_json, q
     if output:
         core.require_matplotlib()
     series = core.plot_series(source, scheduler=spec, sets=sets, lr=lrs, scale_lr=scale_lr,
-                              optimizer=optimizer, steps=steps,
-                              progress=None if quiet else _progress_bar("replaying"))
+                              step=step, momentum=momentum, optimizer=optimizer, steps=steps,
+                              progress=_progress_bar("replaying", quiet=quiet))
     if output:
         core.draw_png(series, output)
         _note(f"wrote {output}")
@@ -335,27 +456,73 @@ def plot(source, output, steps, spec, sets, lrs, scale_lr, optimizer, as_json, q
 
 
 def _note(message: str) -> None:
+    _end_bars()
     click.echo(f"ckpttool: {message}", err=True)
 
 
-def _progress_bar(label: str):
-    """A progress callback drawing a bar on stderr, only when stderr is a terminal."""
-    if not sys.stderr.isatty():
+def _debug() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.find_root().params.get("debug"))
+
+
+def _batch_error(e: Exception, path: str) -> str:
+    """Report the failure of one of many inputs (one line; with --debug the traceback) and
+    return its message, which names the input."""
+    if _debug():
+        traceback.print_exc()
+    if isinstance(e, CkptToolError):
+        message = str(e)
+    elif isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename else ""
+        message = f"{where}{e.strerror or e}; nothing was written for it"
+    else:
+        message = _internal_error(e)
+    if not message.startswith(path):
+        message = f"{path}: {message}"
+    _error(message)
+    return message
+
+
+# Progress bars go to stderr, only when it is a terminal and --quiet is not given, and only for
+# work long enough to want one:
+BAR_MIN_STEPS = 100_000  # a replay of this many steps (a fraction of a second of stepping)
+BAR_MIN_BYTES = 64 << 20  # bytes copied or compared
+BAR_DELAY_S = 1.0  # a batch over many inputs, once it has run this long
+_live_bars: list = []  # bars being drawn, ended before any message line
+
+
+def _progress_bar(label: str, *, quiet: bool = False, minimum: int = BAR_MIN_STEPS,
+                  delay: float = 0.0):
+    """A progress callback ``update(done, total)`` drawing a bar on stderr once ``total`` is at
+    least ``minimum`` and ``delay`` seconds have passed; None with --quiet or when stderr is not
+    a terminal (a log file or a pipe gets no bar)."""
+    if quiet or not sys.stderr.isatty():
         return None
+    start = time.monotonic()
     state: dict = {}
 
     def update(done: int, total: int) -> None:
         bar = state.get("bar")
-        if bar is None and total >= 100_000:
+        if bar is not None and bar not in _live_bars:  # a message ended its line: a new bar
+            bar = None
+        if bar is None:
+            if total < minimum or done >= total or time.monotonic() - start < delay:
+                return
             bar = state["bar"] = click.progressbar(length=total, label=label, file=sys.stderr)
             bar.__enter__()
-        if bar is not None:
-            bar.update(done - bar.pos)
-            if done >= total:
-                bar.__exit__(None, None, None)
-                state.pop("bar")
+            _live_bars.append(bar)
+        bar.update(done - bar.pos)
+        if done >= total:
+            state.pop("bar")
+            _end_bars()
 
     return update
+
+
+def _end_bars() -> None:
+    """Finish the line of any bar being drawn, so that a message starts on a line of its own."""
+    while _live_bars:
+        _live_bars.pop().__exit__(None, None, None)
 
 
 def main() -> None:

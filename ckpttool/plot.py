@@ -124,17 +124,20 @@ class PlotSeries:
 
 def plot_series(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None,
                 sets: list[str] | tuple[str, ...] = (), lr: list[str] | tuple[str, ...] = (),
-                scale_lr: float | None = None, optimizer: str | None = None,
+                scale_lr: float | None = None, step: int | None = None,
+                momentum: float | None = None, optimizer: str | None = None,
                 steps: int | None = None, progress: Callable | None = None) -> PlotSeries:
     """The lr curves of a checkpoint's schedule, stepped with the real torch scheduler.
 
     Without a change the stored schedule alone; with ``scheduler`` / ``sets`` / ``lr`` /
-    ``scale_lr`` (the options of :func:`ckpttool.reschedule`, which plans the new schedule) the
-    new one too.
+    ``scale_lr`` / ``step`` / ``momentum`` (the options of :func:`ckpttool.reschedule`, which
+    plans the new schedule) the new one too.
 
     Args:
         source: a checkpoint path, or a :class:`ckpttool.Checkpoint`.
-        scheduler, sets, lr, scale_lr, optimizer: as for :func:`ckpttool.reschedule`.
+        scheduler, sets, lr, scale_lr, momentum, optimizer: as for :func:`ckpttool.reschedule`.
+        step: where the new schedule resumes, as for :func:`ckpttool.reschedule` (default: the
+            stored step); not the end of the picture, which is ``steps``.
         steps: draw steps 0 to ``steps`` (default: the schedule's own horizon).
         progress: ``progress(done, total)`` while stepping long curves.
 
@@ -150,9 +153,13 @@ def plot_series(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None
     from ckpttool import inspection, rescheduling
 
     ckpt = source if isinstance(source, Checkpoint) else inspection.load(source)
-    if scheduler is not None or sets or lr or scale_lr is not None:
+    if not ckpt.optimizers:
+        raise StateError(f"{ckpt.path}: no optimizer state in this checkpoint; nothing to plot")
+    if (scheduler is not None or sets or lr or scale_lr is not None or step is not None
+            or momentum is not None):
         plan = rescheduling.reschedule(ckpt, scheduler=scheduler, sets=sets, lr=lr,
-                                       scale_lr=scale_lr, optimizer=optimizer, progress=progress)
+                                       scale_lr=scale_lr, step=step, momentum=momentum,
+                                       optimizer=optimizer, progress=progress)
         return plan_series(plan, steps=steps, progress=progress)
     opt = rescheduling._choose_optimizer(ckpt, optimizer)
     old = rescheduling._paired_scheduler(ckpt, opt)
@@ -209,6 +216,7 @@ def _series(ckpt: Checkpoint, opt: Any, old: Any, plan: Any, steps: int | None,
                           replay_steps(state, old.info)))
     if plan is not None:
         stand_in, sched = plan._rebuild()
+        _leave_momentum(plan, stand_in, sched)
         built.append(("new", plan.new_call, plan.info, stand_in, sched, plan.steps))
 
     horizons = [_horizon(info, type(sched).__name__, current) for _, _, info, _, sched, current
@@ -245,6 +253,28 @@ def _series(ckpt: Checkpoint, opt: Any, old: Any, plan: Any, steps: int | None,
     return PlotSeries(ckpt.path, opt.location, old.location if old else None, current,
                       plan.steps if plan is not None else None, horizon, caption,
                       curves.get("stored"), curves.get("new"), momentum_key, tuple(notes))
+
+
+def _leave_momentum(plan: Any, stand_in: Any, sched: Any) -> None:
+    """Give the new schedule's stand-in the momentum (or beta1) the rewrite leaves in the
+    groups, when the new schedule does not cycle it: ``--momentum``'s value, else the stored
+    one. A run with that schedule from step 0 had it all along."""
+    from ckpttool import rescheduling
+
+    if rescheduling._cycles(plan.info, sched):
+        return
+    node = plan.root
+    for key in plan.optimizer_path + ("param_groups",):
+        node = node[key]
+    for live, written in zip(stand_in.param_groups, node):
+        if "betas" in live and isinstance(written.get("betas"), (list, tuple)):
+            beta1 = written["betas"][0]
+            if isinstance(beta1, (int, float)) and not isinstance(beta1, bool):
+                live["betas"] = (beta1, *tuple(live["betas"])[1:])
+        elif "momentum" in live:
+            value = written.get("momentum")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                live["momentum"] = value
 
 
 def _torch_refusal(build: Callable, call: str) -> Any:

@@ -278,6 +278,65 @@ def show_text(ckpt: Checkpoint) -> str:
     return "\n\n".join("\n".join(b) for b in blocks) + "\n"
 
 
+# --- many checkpoints ---------------------------------------------------------------------------
+
+SHOW_SUMMARY_HEADER = ["path", "kind", "step", "lr", "scheduler", "findings"]
+# Distinct group lrs listed in a summary cell; more are shown as their range.
+_SUMMARY_LRS = 3
+
+
+def _compact(value: Any) -> str:
+    """A number to 3 significant digits, for a summary table (reports and JSON are exact)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return f"{value:.3g}"
+    return _text(value)
+
+
+def compact_lrs(lrs: list) -> str:
+    """Group lrs in one short cell: ``0.001`` when all groups share it, ``0.001, 0.002`` for a
+    few, ``1e-05 .. 0.01`` for many."""
+    distinct = list(dict.fromkeys(_compact(v) for v in lrs))
+    numbers = [v for v in lrs if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if len(distinct) > _SUMMARY_LRS and len(numbers) == len(lrs):
+        return f"{_compact(min(numbers))} .. {_compact(max(numbers))}"
+    return ", ".join(distinct) if distinct else "-"
+
+
+def _severity_counts(findings: tuple[Finding, ...]) -> str:
+    counts = {}
+    for f in findings:
+        counts[f.severity] = counts.get(f.severity, 0) + 1
+    parts = [f"{n} {sev}" if sev == "info" else _plural(n, sev)
+             for sev in ("error", "warning", "info") if (n := counts.get(sev))]
+    return ", ".join(parts) or "none"
+
+
+def show_summary_row(ckpt: Checkpoint) -> list[str]:
+    """One checkpoint as a row of the summary table (:data:`SHOW_SUMMARY_HEADER`); several
+    optimizers or schedulers are separated by ``|`` in their cells."""
+    steps = " | ".join(_text(s.last_epoch) for s in ckpt.schedulers) or "-"
+    lrs = " | ".join(compact_lrs([g.lr for g in o.groups]) for o in ckpt.optimizers) or "-"
+    classes = " | ".join(s.cls for s in ckpt.schedulers) or "-"
+    return [ckpt.path, ckpt.kind, steps, lrs, classes, _severity_counts(ckpt.findings)]
+
+
+def show_summary_failed_row(path: str) -> list[str]:
+    """The row of a PATH that could not be read (its error is on stderr)."""
+    return [path, "unreadable", "-", "-", "-", "-"]
+
+
+def show_summary_text(rows: list[list[str]], failed: int = 0) -> str:
+    """The summary table of many checkpoints, and a count under it."""
+    with_errors = sum(1 for r in rows if r[1] != "unreadable" and "error" in r[5])
+    tail = [f"{_plural(len(rows), 'checkpoint')}"]
+    if with_errors:
+        tail.append(f"{with_errors} with error findings")
+    if failed:
+        tail.append(f"{failed} unreadable")
+    return "\n".join(_table([SHOW_SUMMARY_HEADER, *rows], indent="")
+                     + [", ".join(tail)]) + "\n"
+
+
 # --- reschedule --------------------------------------------------------------------------------
 
 
@@ -299,6 +358,10 @@ def _python_call(info: Any, factory: str | None = None) -> str:
     from ckpttool.schedulers import format_call
 
     if info is None:
+        if factory and factory.startswith("hf:"):
+            from ckpttool.spec import parse_spec
+
+            return parse_spec(factory).python
         return f"{(factory or 'your_factory').rpartition(':')[2]}(optimizer)  # from {factory}" \
             if factory else "your_factory(optimizer)"
     args = format_call(replace(info, children=()))[len(info.cls) + 1:-1]
@@ -351,6 +414,7 @@ def reschedule_text(plan: Any, saved: Any = None) -> str:
     target = saved.path if saved is not None else "OUT"
     lines += ["", "Resume with the new schedule in this order:",
               "  import torch",
+              *(["  import transformers"] if (plan.factory_text or "").startswith("hf:") else []),
               "  from torch.optim import lr_scheduler",
               f"  ckpt = torch.load({target!r}, weights_only=True)",
               "  optimizer = ...  # as before",
@@ -361,6 +425,47 @@ def reschedule_text(plan: Any, saved: Any = None) -> str:
         lines.append("(Lightning restores both itself when you resume with ckpt_path=...: "
                      "return this scheduler from configure_optimizers.)")
     return "\n".join(lines) + "\n"
+
+
+RESCHEDULE_SUMMARY_HEADER = ["input", "output", "step", "lr", "new schedule", "result"]
+
+
+def reschedule_summary_text(entries: list[tuple[str, str | None, Any, Any]], *,
+                            dry_run: bool = False) -> str:
+    """The summary of a reschedule over many inputs: one row per input (``entries`` of
+    ``(input, output, plan, saved)``, plan None for an input that failed), the notes, a count.
+    """
+    rows, notes = [], []
+    written = failed = backups = 0
+    for source, output, plan, saved in entries:
+        if plan is None:
+            failed += 1
+            rows.append([source, "-", "-", "-", "-", "failed"])
+            continue
+        stored = [g.lr for g in plan.source.optimizer(plan.optimizer).groups]
+        new = [g.changes["lr"][1] if "lr" in g.changes else old
+               for g, old in zip(plan.groups, stored)]
+        lr = ("unchanged" if all("lr" not in g.changes for g in plan.groups)
+              else f"{compact_lrs(stored)} -> {compact_lrs(new)}")
+        if saved is not None:
+            written += 1
+            backups += saved.backup is not None
+            result = "verified" if saved.verified_steps else "written"
+        else:
+            result = "planned"
+        rows.append([source, output or (saved.path if saved is not None else "-"),
+                     str(plan.steps), lr, plan.new_call, result])
+        notes += [f"note: {source}: {note}" for note in plan.notes]
+    count = [_plural(len(entries), "input")]
+    if dry_run:
+        count.append(f"{len(entries) - failed} planned (dry run: nothing written)")
+    else:
+        count.append(f"{written} written and verified"
+                     + (", each original kept as its .bak" if backups else ""))
+    if failed:
+        count.append(f"{failed} failed (nothing written for {'it' if failed == 1 else 'them'})")
+    return "\n".join(_table([RESCHEDULE_SUMMARY_HEADER, *rows], indent="") + notes
+                     + [f"{count[0]}: {', '.join(count[1:])}"]) + "\n"
 
 
 # --- plot --------------------------------------------------------------------------------------

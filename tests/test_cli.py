@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import click
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -61,7 +62,8 @@ def test_bad_input_is_one_line_and_exit_2(run_cli, rel):
 @pytest.mark.parametrize("args, message", [
     (["show"], "Missing argument"),
     (["show", "fixtures/nope.pt"], "no such file"),
-    (["show", "fixtures"], "directory"),
+    (["show", "fixtures/bad/nope-*.pt"], "no file matches this pattern"),
+    (["show", "ckpttool"], "no checkpoint in this folder"),
     (["show", "--bogus", "x"], "No such option"),
     (["frobnicate"], "No such command"),
 ])
@@ -71,7 +73,7 @@ def test_usage_and_path_errors(run_cli, args, message):
     assert len(result.stderr.splitlines()) == 1 and message in result.stderr
 
 
-def test_many_paths_one_report_each_and_failure_is_exit_2(run_cli):
+def test_many_paths_one_document_or_report_each_and_failure_is_exit_2(run_cli):
     result = run_cli("show", "--json", "fixtures/adamw_cosine.pt", "fixtures/bad/empty.pt",
                      "fixtures/legacy.pt")
     assert result.exit_code == EXIT_ERROR
@@ -79,8 +81,11 @@ def test_many_paths_one_report_each_and_failure_is_exit_2(run_cli):
     assert [d["path"] for d in docs] == ["fixtures/adamw_cosine.pt", "fixtures/bad/empty.pt",
                                          "fixtures/legacy.pt"]
     assert "error" in docs[1] and "optimizers" in docs[2]
-    text = run_cli("show", "fixtures/adamw_cosine.pt", "fixtures/legacy.pt")
+    text = run_cli("show", "--full", "fixtures/adamw_cosine.pt", "fixtures/legacy.pt")
     assert text.exit_code == EXIT_OK and text.stdout.count("[optimizer] AdamW") == 2
+    summary = run_cli("show", "fixtures/adamw_cosine.pt", "fixtures/legacy.pt")
+    assert summary.exit_code == EXIT_OK and summary.stdout.startswith("path ")
+    assert summary.stdout.count("CosineAnnealingLR") == 2
 
 
 def _check_show_schema(doc: dict) -> None:
@@ -158,11 +163,16 @@ def test_a_bug_on_one_path_does_not_lose_the_batch(run_cli, monkeypatch):
 
     monkeypatch.setattr(inspection, "load", load)
     paths = ["fixtures/adamw_cosine.pt", "fixtures/legacy.pt", "fixtures/tensor_lr.pt"]
-    text = run_cli("show", *paths)
+    text = run_cli("show", "--full", *paths)
     assert text.exit_code == EXIT_ERROR
     assert text.stdout.count("findings:") == 2
     [line] = text.stderr.splitlines()
     assert line.startswith("ckpttool: error: fixtures/legacy.pt: internal error: RuntimeError")
+    summary = run_cli("show", *paths)
+    assert summary.exit_code == EXIT_ERROR and summary.stderr == text.stderr
+    assert [row.split()[:2] for row in summary.stdout.splitlines()[1:4]] == [
+        ["fixtures/adamw_cosine.pt", "torch-zip"], ["fixtures/legacy.pt", "unreadable"],
+        ["fixtures/tensor_lr.pt", "torch-zip"]]
     as_json = run_cli("show", "--json", *paths)
     docs = json.loads(as_json.stdout)
     assert [("error" in d) for d in docs] == [False, True, False]
@@ -172,7 +182,7 @@ def test_a_bug_on_one_path_does_not_lose_the_batch(run_cli, monkeypatch):
 def test_a_closed_pipe_ends_quietly():
     """`ckpttool show ... | head -1`: more output than a pipe buffers, reader gone after a line."""
     paths = ["fixtures/adamw_cosine.pt"] * 200
-    proc = subprocess.Popen([sys.executable, "-m", "ckpttool", "show", *paths], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "ckpttool", "show", "--full", *paths], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout.readline().startswith(b"fixtures/adamw_cosine.pt")
     proc.stdout.close()
@@ -276,3 +286,99 @@ def test_bare_ckpttool_prints_the_help(run_cli):
     assert result.exit_code == EXIT_OK
     assert result.stdout.startswith("Usage: ") and "reschedule" in result.stdout
     assert result.stderr == ""
+
+
+# --- options every command shares, progress bars, shell completion --------------------------------
+
+
+def test_shared_options_have_one_spelling():
+    """--json and -q/--quiet on every command, -o/--output wherever one file is written, and
+    each of them declared the same way everywhere."""
+    from ckpttool.cli import cli
+
+    def option(command, name):
+        return next((p for p in cli.commands[command].params if p.name == name), None)
+
+    for command in cli.commands:
+        assert option(command, "as_json").opts == ["--json"], command
+        quiet = option(command, "quiet")
+        assert sorted(quiet.opts) == ["--quiet", "-q"] and quiet.help == "No progress bar.", command
+    for command in ("reschedule", "plot"):
+        assert option(command, "output").opts == ["-o", "--output"], command
+    # every option of every command has a long name, and no short name is used twice
+    for command in cli.commands.values():
+        shorts = [o for p in command.params for o in getattr(p, "opts", []) if len(o) == 2]
+        assert len(shorts) == len(set(shorts))
+        assert all(any(o.startswith("--") for o in p.opts) for p in command.params
+                   if isinstance(p, click.Option))
+
+
+def test_shell_completion_script_and_completions():
+    env = {**os.environ, "_CKPTTOOL_COMPLETE": "bash_source"}
+    script = subprocess.run([sys.executable, "-m", "ckpttool"], cwd=ROOT, env=env,
+                            capture_output=True, text=True)
+    assert script.returncode == 0 and "_ckpttool_completion()" in script.stdout
+    assert "complete -o nosort -F _ckpttool_completion ckpttool" in script.stdout
+    env = {**os.environ, "_CKPTTOOL_COMPLETE": "bash_complete", "COMP_WORDS": "ckpttool res",
+           "COMP_CWORD": "1"}
+    words = subprocess.run([sys.executable, "-m", "ckpttool"], cwd=ROOT, env=env,
+                           capture_output=True, text=True)
+    assert words.stdout.split() == ["plain,reschedule"]
+    env.update(COMP_WORDS="ckpttool reschedule --out", COMP_CWORD="2")
+    words = subprocess.run([sys.executable, "-m", "ckpttool"], cwd=ROOT, env=env,
+                           capture_output=True, text=True)
+    assert "plain,--out-dir" in words.stdout.split()
+
+
+def _main(args, monkeypatch, capsys, *, tty: bool):
+    """The real entry point (not CliRunner, whose streams are no terminal), with stderr a
+    terminal or not; returns (exit code, stdout, stderr)."""
+    from ckpttool.cli import cli
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+LONG_REPLAY = ["reschedule", "fixtures/adamw_cosine.pt", "--dry-run", "--step", "150000"]
+
+
+def test_a_long_replay_draws_a_bar_on_a_terminal(monkeypatch, capsys):
+    code, out, err = _main(LONG_REPLAY, monkeypatch, capsys, tty=True)
+    assert code == EXIT_OK and "replaying" in err and "100%" in err and "#" in err
+    assert "replaying" not in out and out.startswith("fixtures/adamw_cosine.pt (dry run")
+
+
+@pytest.mark.parametrize("tty, extra", [(True, ["--quiet"]), (True, ["-q"]), (False, [])])
+def test_no_bar_with_quiet_or_off_a_terminal(monkeypatch, capsys, tty, extra):
+    code, out, err = _main(LONG_REPLAY + extra, monkeypatch, capsys, tty=tty)
+    assert code == EXIT_OK and err == "" and "replayed 150000 steps" in out
+
+
+def test_a_short_replay_draws_no_bar(monkeypatch, capsys):
+    code, _, err = _main(["plot", "fixtures/adamw_cosine.pt"], monkeypatch, capsys, tty=True)
+    assert code == EXIT_OK and err == ""
+
+
+def test_plot_of_a_long_horizon_draws_a_bar(monkeypatch, capsys):
+    code, out, err = _main(["plot", "fixtures/adamw_cosine.pt", "--steps", "150000"],
+                           monkeypatch, capsys, tty=True)
+    assert code == EXIT_OK and "replaying" in err and "100%" in err and "groups 0, 1" in out
+
+
+def test_an_error_starts_a_line_of_its_own_after_a_bar(monkeypatch, capsys):
+    from ckpttool import schedule
+
+    real = schedule.replay
+
+    def replay(scheduler, steps, progress=None):
+        real(scheduler, steps // 2, progress and (lambda done, _: progress(done, steps)))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(schedule, "replay", replay)
+    code, _, err = _main(LONG_REPLAY, monkeypatch, capsys, tty=True)
+    assert code == EXIT_ERROR and "replaying" in err
+    assert err.splitlines()[-1] == "ckpttool: error: interrupted"

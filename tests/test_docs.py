@@ -24,10 +24,28 @@ def test_every_command_has_a_section(name):
     assert f"## `ckpttool {name}`" in README
 
 
+def _section(name: str) -> str:
+    """The README's section of a command, from its heading to the next."""
+    start = README.index(f"## `ckpttool {name}`")
+    end = README.find("\n## ", start + 1)
+    return README[start:end if end >= 0 else None]
+
+
 @pytest.mark.parametrize("name, option", [(n, o) for n, c in sorted(cli.commands.items())
                                           for o in _options(c)] + [("", o) for o in _options(cli)])
 def test_every_option_is_documented(name, option):
-    assert f"`{option}" in README, f"{option} of {name or 'ckpttool'} is not in the README"
+    """In its command's own section (and the group's options anywhere)."""
+    where = _section(name) if name else README
+    assert f"`{option}" in where, f"{option} of {name or 'ckpttool'} is not in its README section"
+
+
+@pytest.mark.parametrize("name", sorted(cli.commands))
+def test_every_usage_line_names_every_option(name):
+    """The usage block at the top of a section lists each option of the command."""
+    usage = re.search(r"```\n(ckpttool .*?)```", _section(name), re.S).group(1)
+    missing = [o for o in _options(cli.commands[name]) if o not in usage
+               and not (o == "--output" and "-o " in usage)]
+    assert not missing, f"the usage of {name} lacks {missing}"
 
 
 EXAMPLES = re.findall(r"<!-- example: (.+?) -->\n```\n\$ ckpttool .+?\n(.*?)```", README, re.S)
@@ -58,3 +76,37 @@ def test_python_api_example_runs(monkeypatch, capsys, tmp_path):
     assert "True" in out and "0 (0.001, 0.0005)" in out
     assert (tmp_path / "longer.pt").exists()
     assert "False 0" in out and "optimizer/param_groups/0/initial_lr 0.001 -> 0.0005" in out
+
+
+def test_python_api_migration_example_runs(monkeypatch, capsys, tmp_path):
+    """The sweep example: run in a folder holding copies of fixtures as a sweep of runs."""
+    import shutil
+
+    import ckpttool
+
+    runs = {"run1/last.pt": "fixtures/adamw_cosine.pt",
+            "run2/last.pt": "fixtures/schedulers/CosineAnnealingLR.pt",
+            "run10/last.ckpt": "fixtures/layouts/lightning.ckpt",
+            "run11/last.pt": "fixtures/layouts/tutorial.pt"}  # StepLR: skipped
+    for name, fixture in runs.items():
+        (tmp_path / "sweep" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / fixture, tmp_path / "sweep" / name)
+    monkeypatch.chdir(tmp_path)
+    block = re.search(r"<!-- example-python: sweep -->\n```python\n(.*?)```", README,
+                      re.S).group(1)
+    exec(compile(block, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert out.count("(dry run: nothing written)") == 3 and "skipped: sweep/run11/last.pt" in out
+    # The dry run came first: every plan was printed before anything was saved.
+    assert out.rindex("(dry run: nothing written)") < out.index("verified for 10 steps")
+    assert sorted(p.relative_to(tmp_path / "sweep-halved").as_posix()
+                  for p in (tmp_path / "sweep-halved").rglob("*") if p.is_file()) == [
+        "run1/last.pt", "run10/last.ckpt", "run2/last.pt"]
+    for name in ("run1/last.pt", "run2/last.pt", "run10/last.ckpt"):
+        before = ckpttool.load(tmp_path / "sweep" / name)
+        after = ckpttool.load(tmp_path / "sweep-halved" / name, verify=True)
+        old, new = before.schedulers[0], after.schedulers[0]
+        assert new.args["T_max"] == int(old.args["T_max"] * 1.5)
+        assert new.base_lrs == [b * 0.5 for b in old.base_lrs]
+        assert new.verify.identical and new.last_epoch == old.last_epoch
+    assert ckpttool.load(tmp_path / "sweep" / "run1/last.pt").schedulers[0].args["T_max"] == 40

@@ -354,9 +354,9 @@ def test_plot_and_reschedule_share_the_new_schedule_options():
     def options(command):
         return {p.name: (p.opts, p.multiple, p.type.name, p.help)
                 for p in cli.commands[command].params
-                if p.name in ("spec", "sets", "lrs", "scale_lr", "optimizer")}
+                if p.name in ("spec", "sets", "lrs", "scale_lr", "step", "momentum", "optimizer")}
 
-    assert len(options("plot")) == 5 and options("plot") == options("reschedule")
+    assert len(options("plot")) == 7 and options("plot") == options("reschedule")
 
 
 def test_errors_are_one_line(run_cli, tmp_path):
@@ -369,3 +369,69 @@ def test_errors_are_one_line(run_cli, tmp_path):
         assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
     assert run_cli("plot", "fixtures/layouts/two_optimizers.pt", "--optimizer",
                    "optimizers/1").exit_code == EXIT_OK
+
+
+# --- nothing to plot, --momentum, --step ------------------------------------------------------
+
+
+def test_a_checkpoint_without_an_optimizer_has_nothing_to_plot(run_cli):
+    result = run_cli("plot", "fixtures/model_only.pt")
+    assert result.exit_code == EXIT_ERROR
+    assert result.stderr == ("ckpttool: error: fixtures/model_only.pt: no optimizer state in this "
+                             "checkpoint; nothing to plot\n")
+    with_change = run_cli("plot", "fixtures/model_only.pt", "--scale-lr", "0.5")
+    assert with_change.stderr == result.stderr
+
+
+def test_the_new_momentum_curve_shows_momentum(tmp_path):
+    """Switching away from a schedule that cycles beta1 with --momentum X: the new schedule
+    leaves X in the groups, so its curve is X (real torch: the groups reschedule writes)."""
+    series = ckpttool.plot_series(ONECYCLE, scheduler="CosineAnnealingLR(T_max=60)",
+                                  lr=["0.002"], momentum=0.85)
+    assert series.momentum_key == "beta1"
+    assert series.new.momentum == ((0.85,) * len(series.new.steps),) * 2
+    assert len(set(series.old.momentum[0])) > 1  # the stored curve still cycles
+    plan = ckpttool.reschedule(ONECYCLE, scheduler="CosineAnnealingLR(T_max=60)", lr=["0.002"],
+                               momentum=0.85)
+    out = tmp_path / "out.pt"
+    plan.save(out)
+    saved = torch.load(out, weights_only=True)["optimizer"]["param_groups"]
+    assert [g["betas"][0] for g in saved] == [0.85, 0.85]
+    # without --momentum the current beta1 stays, and the curve says so
+    kept = ckpttool.plot_series(ONECYCLE, scheduler="CosineAnnealingLR(T_max=60)", lr=["0.002"])
+    current = torch.load(ONECYCLE, weights_only=True)["optimizer"]["param_groups"][0]["betas"][0]
+    assert set(kept.new.momentum[0]) == {current}
+
+
+def test_reschedule_plot_draws_the_momentum_given(run_cli, tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(plot, "draw_png", lambda series, path: drawn.append(series))
+    result = run_cli("reschedule", ONECYCLE, "--dry-run", "--scheduler",
+                     "CosineAnnealingLR(T_max=60)", "--lr", "0.002", "--momentum", "0.85",
+                     "--plot", tmp_path / "lr.png")
+    assert result.exit_code == EXIT_OK, result.stderr
+    [series] = drawn
+    assert {v for group in series.new.momentum for v in group} == {0.85}
+
+
+def test_plot_step_moves_the_resume_point(run_cli):
+    series = ckpttool.plot_series(COSINE, step=30)
+    assert (series.step, series.resume) == (16, 30)
+    # the same schedule, resumed later: the curves agree, the marks differ
+    assert series.new.steps == series.old.steps and series.new.lrs == series.old.lrs
+    doc = json.loads(run_cli("plot", "--json", COSINE, "--step", "30").stdout)
+    assert (doc["step"], doc["resume"]) == (16, 30)
+    text = run_cli("plot", COSINE, "--set", "T_max=80", "--step", "30").stdout
+    assert "^ current step 16" in text and "resume at step 30" in text
+
+
+def test_plot_step_gives_a_new_schedule_where_nothing_says_the_step(run_cli):
+    """LBFGS keeps no step count and has no scheduler: reschedule and plot both ask for --step,
+    and plot accepts it."""
+    args = ["plot", "fixtures/optimizers/LBFGS.pt", "--scheduler", "CosineAnnealingLR(T_max=10)"]
+    refused = run_cli(*args)
+    assert refused.exit_code == EXIT_ERROR and "pass --step N" in refused.stderr
+    result = run_cli(*args, "--step", "4")
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert "new: CosineAnnealingLR(T_max=10)" in result.stdout
+    assert "^ resume at step 4" in result.stdout
