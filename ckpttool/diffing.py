@@ -471,32 +471,40 @@ def _tensor_changes(file_a: TorchFile, file_b: TorchFile, tensors_a: dict, tenso
             changes.append(Change(path, "shape", section, list(ra.shape), list(rb.shape),
                                   tensor=True))
         else:
-            to_compare.append((path, ra, rb))
+            to_compare.append((path, ra, rb, _pieces(file_a, ra, file_b, rb)))
     # Equal bytes mean equal tensors; only the pairs whose bytes differ are read as numbers.
     runs: dict[tuple, int] = {}
     pairs: list[tuple[ByteRun, ByteRun]] = []
     by_bytes: list[int | None] = []
-    for _, ra, rb in to_compare:
-        run = _byte_runs(file_a, ra, file_b, rb)
-        if run is None:
-            by_bytes.append(None)
-            continue
-        ident = (run[0].storage.key, run[0].start, run[1].storage.key, run[1].start, run[0].length)
-        if ident not in runs:
-            runs[ident] = len(pairs)
-            pairs.append(run)
-        by_bytes.append(runs[ident])
+    for _, _, _, pieces in to_compare:
+        for pa, pb in pieces:
+            run = _byte_runs(file_a, pa, file_b, pb)
+            if run is None:
+                by_bytes.append(None)
+                continue
+            # Storages are told apart by where their bytes are: keys repeat across the files
+            # of a folder.
+            ident = (file_a.locate(run[0].storage, run[0].start, run[0].length),
+                     file_b.locate(run[1].storage, run[1].start, run[1].length))
+            if ident not in runs:
+                runs[ident] = len(pairs)
+                pairs.append(run)
+            by_bytes.append(runs[ident])
     torch_import = _TorchImport()
     same = same_bytes(file_a, file_b, pairs, progress=progress,
                       on_difference=torch_import.start)
     changed = len(changes)
-    for (path, ra, rb), index in zip(to_compare, by_bytes):
-        if index is not None and same[index]:
-            continue
-        if ra.storage is None or rb.storage is None:  # meta tensors hold no data to differ
-            continue
-        torch_import.wait()
-        stats = _statistics(file_a, ra, file_b, rb, rules)
+    indices = iter(by_bytes)
+    for path, ra, rb, pieces in to_compare:
+        stats = _Stats()
+        for (pa, pb), index in zip(pieces, indices):
+            if index is not None and same[index]:
+                continue
+            if pa.storage is None or pb.storage is None:  # meta tensors hold no data to differ
+                continue
+            torch_import.wait()
+            piece = _statistics(file_a, pa, file_b, pb, rules)
+            stats.add(piece.n_diff, piece.max_abs, piece.max_rel)
         if stats.n_diff == 0:
             continue
         changed += 1
@@ -505,6 +513,42 @@ def _tensor_changes(file_a: TorchFile, file_b: TorchFile, tensors_a: dict, tenso
             a=_tensor_value(file_a, ra), b=_tensor_value(file_b, rb), tensor=True,
             max_abs=stats.max_abs, max_rel=stats.max_rel, n_diff=stats.n_diff, numel=ra.numel))
     return changes, TensorCounts(in_both, changed)
+
+
+def _pieces(file_a: TorchFile, ra: TensorRef, file_b: TorchFile,
+            rb: TensorRef) -> list[tuple[TensorRef, TensorRef]]:
+    """The pairs of same-shaped views that make up two tensors of one shape: the tensors
+    themselves, or for a tensor saved in chunks (a sharded tensor of a DCP folder, whose file
+    has ``tensor_chunks``) the overlaps of the two chunk grids, each a view into one chunk of
+    each side (chunk against chunk when both were sharded alike)."""
+    grid_a, grid_b = _chunks(file_a, ra), _chunks(file_b, rb)
+    if grid_a is None and grid_b is None:
+        return [(ra, rb)]
+    if grid_a and grid_b and [(o, c.shape) for o, c in grid_a] == [
+            (o, c.shape) for o, c in grid_b]:
+        return [(ca, cb) for (_, ca), (_, cb) in zip(grid_a, grid_b)]
+    out = []
+    for off_a, ca in grid_a or [((0,) * len(ra.shape), ra)]:
+        for off_b, cb in grid_b or [((0,) * len(rb.shape), rb)]:
+            lo = tuple(max(x, y) for x, y in zip(off_a, off_b))
+            hi = tuple(min(x + n, y + m) for x, n, y, m in zip(off_a, ca.shape, off_b, cb.shape))
+            if all(h > l for l, h in zip(lo, hi)):
+                out.append((_window(ca, off_a, lo, hi), _window(cb, off_b, lo, hi)))
+    return out
+
+
+def _chunks(file: TorchFile, ref: TensorRef) -> Any:
+    chunks = getattr(file, "tensor_chunks", None)
+    return chunks(ref) if chunks is not None else None
+
+
+def _window(ref: TensorRef, origin: tuple, lo: tuple, hi: tuple) -> TensorRef:
+    """The view ``[lo, hi)`` (in the full tensor's coordinates) of a chunk placed at ``origin``."""
+    if lo == origin and all(h - l == n for l, h, n in zip(lo, hi, ref.shape)):
+        return ref
+    start = ref.storage_offset + sum((l - o) * s for l, o, s in zip(lo, origin, ref.stride))
+    return TensorRef(ref.dtype, tuple(h - l for l, h in zip(lo, hi)), ref.stride, start,
+                     ref.storage)
 
 
 def _byte_runs(file_a: TorchFile, ra: TensorRef, file_b: TorchFile,

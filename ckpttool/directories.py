@@ -142,9 +142,9 @@ def read_directory(path: str | os.PathLike) -> CheckpointDir:
                          "torch.distributed.checkpoint folder); for a folder of checkpoint "
                          "files, pass the files")
     if kind == "dcp":
-        raise InputError(f"{path}: torch.distributed.checkpoint folders are not readable yet "
-                         "(issue #5); convert one with torch.distributed.checkpoint.format_utils"
-                         ".dcp_to_torch_save and pass the file")
+        from ckpttool.dcp import read_dcp  # dcp builds on this module
+
+        return read_dcp(path)
     root: dict[str, Any] = {}
     members: dict[str, TorchFile] = {}
     skipped: list[str] = []

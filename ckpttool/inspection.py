@@ -278,7 +278,9 @@ class _Values:
 
     def __init__(self, file: TorchFile):
         self.file = file
-        self._scalars: dict[TensorRef, Any] = {}
+        # By identity: equal-looking refs of two files of a folder (both "storage 0") are not
+        # the same tensor.
+        self._scalars: dict[int, Any] = {}
 
     def plain(self, value: Any) -> Any:
         """``value`` with its scalar tensors decoded (and containers copied).
@@ -288,12 +290,12 @@ class _Values:
         """
         if isinstance(value, TensorRef):
             if value.numel == 1 and value.storage is not None:
-                if value not in self._scalars:
+                if id(value) not in self._scalars:
                     try:
-                        self._scalars[value] = self.file.scalar(value)
+                        self._scalars[id(value)] = self.file.scalar(value)
                     except ValueError:  # a dtype decoded only by torch stays a description
-                        self._scalars[value] = value
-                return self._scalars[value]
+                        self._scalars[id(value)] = value
+                return self._scalars[id(value)]
             return value
         if isinstance(value, tuple):
             return tuple(self.plain(v) for v in value)

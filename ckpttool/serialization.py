@@ -1092,6 +1092,115 @@ def _zip_data_offset(f: BinaryIO, info: zipfile.ZipInfo) -> int:
     return info.header_offset + _ZIP_LOCAL_HEADER.size + name_len + extra_len
 
 
+# The largest pickle record read from a zip inside a larger file: DCP's records are a few
+# hundred bytes; a hostile entry could name gigabytes of its shard as its pickle.
+MAX_RANGE_PICKLE = 256 << 20
+
+
+class _FileWindow(io.RawIOBase):
+    """Bytes ``[offset, offset + length)`` of an open file, seen as a whole file (by zipfile)."""
+
+    def __init__(self, f: BinaryIO, offset: int, length: int):
+        super().__init__()
+        self._f, self._base, self._len, self._pos = f, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = (0, self._pos, self._len)[whence]
+        if base + pos < 0:
+            raise OSError(errno.EINVAL, "seek before the start of the entry")
+        self._pos = base + pos
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), self._len - self._pos))
+        if n == 0:
+            return 0
+        self._f.seek(self._base + self._pos)
+        got = self._f.readinto(memoryview(buffer).cast("B")[:n]) or 0
+        self._pos += got
+        return got
+
+
+def read_checkpoint_range(path: str | os.PathLike, offset: int, length: int) -> TorchFile:
+    """Read the ``torch.save`` zip that fills bytes ``[offset, offset + length)`` of a larger
+    file, safely and without tensor data: a torch.distributed.checkpoint shard (``.distcp``)
+    is such zips one after another, one per entry.
+
+    Only the zip's directory and its pickle are read. The result's ``path`` is the containing
+    file and its storage spans are absolute offsets in it (so ``locate`` / ``read_storage``
+    work as for a file of its own); ``size`` is ``length``. Every record must lie inside the
+    range.
+
+    Raises:
+        InputError: the range is outside the file, or holds no intact torch zip.
+    """
+    path = os.fspath(path)
+    where = f"{path} (bytes {offset}-{offset + length})"
+    try:
+        # Unbuffered: a buffer would read ahead into the neighbouring entries (tensor data).
+        f = open(path, "rb", buffering=0)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror or e}") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if offset < 0 or length < 0 or offset + length > size:
+            raise InputError(f"{where}: the range lies past the end of the {size}-byte file; "
+                             "it is truncated or the range is wrong")
+        window = _FileWindow(f, offset, length)
+        try:
+            zf = zipfile.ZipFile(window)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as e:
+            raise InputError(f"{where}: not an intact torch zip ({e})") from None
+        with zf:
+            infos = zf.infolist()
+            names = [i.filename.lower() for i in infos]
+            if len(set(names)) != len(names):
+                raise InputError(f"{where}: the zip holds two records of one name, which "
+                                 "torch.save never writes: damaged or hostile")
+            pkl = [i for i in infos if i.filename.endswith("data.pkl")
+                   and i.filename.count("/") == 1]
+            if len(pkl) != 1:
+                raise InputError(f"{where}: a zip with {len(pkl)} data.pkl records, not a torch "
+                                 "checkpoint")
+            for info in infos:
+                _refuse_packed(where, info)
+            if pkl[0].file_size > MAX_RANGE_PICKLE:
+                raise InputError(f"{where}: a {pkl[0].file_size}-byte pickle is more than "
+                                 "ckpttool reads here; damaged or hostile")
+            prefix = pkl[0].filename[: -len("data.pkl")]
+            try:
+                data = zf.read(pkl[0])
+                order_info = zf.NameToInfo.get(prefix + "byteorder")
+                byteorder = (zf.read(order_info).decode("ascii", "replace").strip() or "little"
+                             if order_info is not None and order_info.file_size < 16
+                             else "little")
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError,
+                    NotImplementedError, RuntimeError, struct.error) as e:
+                raise InputError(f"{where}: cannot read the pickle ({e}); damaged") from None
+            unpickler = SafeUnpickler(io.BytesIO(data))
+            root = _unpickled(where, unpickler)
+            spans: dict[str, tuple[int, int]] = {}
+            data_prefix = prefix + "data/"
+            for info in infos:
+                if info.filename.startswith(data_prefix):
+                    start = _zip_data_offset(window, info)
+                    if start < 0 or start + info.file_size > length:
+                        raise InputError(f"{where}: the record {info.filename[:80]!r} lies "
+                                         "outside its entry; damaged")
+                    spans[info.filename[len(data_prefix):]] = (offset + start, info.file_size)
+    return TorchFile(path, "torch-zip", root, unpickler.globals_seen, length, byteorder, prefix,
+                     spans, tuple(unpickler.storage_seen))
+
+
 def _read_legacy(path: str, size: int) -> TorchFile:
     """Legacy format: magic, protocol, sys_info, the object, the storage keys, then storages."""
     try:

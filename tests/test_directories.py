@@ -158,3 +158,22 @@ def test_bad_folders_get_one_line(tmp_path, run_cli, make, message):
 def test_a_folder_of_checkpoint_folders_is_not_one(run_cli):
     result = run_cli("show", DIRS / "hf_trainer")
     assert result.exit_code == EXIT_ERROR or "checkpoint-20" in result.stdout
+
+
+def test_equal_looking_tensors_of_two_files_keep_their_own_values(tmp_path):
+    """Storage keys repeat across the files of a folder ("0" in each): a value read from one
+    file must not be shown for the other."""
+    folder = tmp_path / "state"
+    folder.mkdir()
+    for name, steps in (("optimizer.bin", 6), ("optimizer_1.bin", 3)):
+        p = torch.nn.Parameter(torch.zeros(2))
+        opt = torch.optim.Adam([p], lr=0.1)
+        for _ in range(steps):
+            p.grad = torch.ones(2)
+            opt.step()
+        torch.save(opt.state_dict(), folder / name)
+    ckpt = ckpttool.load(folder)
+    assert [(o.location, o.step) for o in ckpt.optimizers] == [("optimizer.bin", 6.0),
+                                                               ("optimizer_1.bin", 3.0)]
+    d = ckpttool.diff(folder / "optimizer.bin", folder / "optimizer_1.bin")
+    assert {c.path for c in d.changes} >= {"state/0/step"}
