@@ -491,8 +491,12 @@ def _tensor_changes(file_a: TorchFile, file_b: TorchFile, tensors_a: dict, tenso
                 pairs.append(run)
             by_bytes.append(runs[ident])
     torch_import = _TorchImport()
+    # The statistics of differing tensors need torch only for dtypes numpy lacks (or without
+    # numpy); its import then starts at the first difference, beside the rest of the comparison.
+    needs_torch = _numpy() is None or any(
+        ra.dtype not in NUMPY_DTYPES for _, ra, _, _ in to_compare)
     same = same_bytes(file_a, file_b, pairs, progress=progress,
-                      on_difference=torch_import.start)
+                      on_difference=torch_import.start if needs_torch else None)
     changed = len(changes)
     indices = iter(by_bytes)
     for path, ra, rb, pieces in to_compare:
@@ -502,7 +506,8 @@ def _tensor_changes(file_a: TorchFile, file_b: TorchFile, tensors_a: dict, tenso
                 continue
             if pa.storage is None or pb.storage is None:  # meta tensors hold no data to differ
                 continue
-            torch_import.wait()
+            if needs_torch:
+                torch_import.wait()
             piece = _statistics(file_a, pa, file_b, pb, rules)
             stats.add(piece.n_diff, piece.max_abs, piece.max_rel)
         if stats.n_diff == 0:
@@ -628,18 +633,96 @@ def _nan_max(x: float | None, y: float | None) -> float | None:
     return max(x, y)
 
 
+# dtypes numpy holds as they are: their statistics need no torch (whose import costs more than
+# a second); the others (bfloat16, float8, ...) are read with torch.
+NUMPY_DTYPES = {
+    "float16": "<f2", "float32": "<f4", "float64": "<f8", "complex64": "<c8",
+    "complex128": "<c16", "int8": "i1", "int16": "<i2", "int32": "<i4", "int64": "<i8",
+    "uint8": "u1", "uint16": "<u2", "uint32": "<u4", "uint64": "<u8", "bool": "?",
+}
+
+
+def _numpy() -> Any:
+    try:
+        import numpy
+    except ImportError:  # not a dependency of ckpttool: torch then does the arithmetic
+        return None
+    return numpy
+
+
 def _statistics(file_a: TorchFile, ra: TensorRef, file_b: TorchFile, rb: TensorRef,
                 rules: _Rules) -> _Stats:
     """Differing elements, max |a-b| and max |a-b|/|b| of two tensors of one dtype and shape,
     read chunk by chunk (memory stays bounded whatever their size)."""
-    torch = import_torch()
+    np = _numpy() if ra.dtype in NUMPY_DTYPES else None
+    torch = import_torch() if np is None else None
     stats = _Stats()
     for shape, sa, oa, sb, ob in _blocks(ra.shape, ra.stride, ra.storage_offset, rb.stride,
                                          rb.storage_offset, STATS_CHUNK):
-        x = _read_block(torch, file_a, ra, shape, sa, oa)
-        y = _read_block(torch, file_b, rb, shape, sb, ob)
-        stats.add(*_compare_block(torch, x, y, rules))
+        if np is not None:
+            x = _read_numpy_block(np, file_a, ra, shape, sa, oa)
+            y = _read_numpy_block(np, file_b, rb, shape, sb, ob)
+            stats.add(*_compare_numpy_block(np, x, y, rules))
+        else:
+            x = _read_block(torch, file_a, ra, shape, sa, oa)
+            y = _read_block(torch, file_b, rb, shape, sb, ob)
+            stats.add(*_compare_block(torch, x, y, rules))
     return stats
+
+
+def _read_numpy_block(np: Any, file: TorchFile, ref: TensorRef, shape: tuple, stride: tuple,
+                      offset: int) -> Any:
+    """One block of a tensor as a numpy view of its own dtype (native byte order)."""
+    size = ref.itemsize
+    n = _extent(shape, stride)
+    raw = file.read_storage(ref.storage, offset * size, n * size) if n else b""
+    dtype = np.dtype(NUMPY_DTYPES[ref.dtype])
+    if file.byteorder != "little":
+        dtype = dtype.newbyteorder(">")
+    flat = np.frombuffer(raw, dtype=dtype)
+    return np.lib.stride_tricks.as_strided(flat, shape, tuple(s * size for s in stride),
+                                           writeable=False)
+
+
+def _compare_numpy_block(np: Any, x: Any, y: Any, rules: _Rules) -> tuple[int, Any, Any]:
+    """:func:`_compare_block` with numpy: the elements whose bits differ are found first, and
+    only those are compared as numbers (a tensor that differs in a few elements costs one pass
+    over its bits)."""
+    if x.size == 0:
+        return 0, None, None
+    if x.dtype == np.bool_:
+        n = int(np.count_nonzero(x != y))
+        return n, (1.0 if n else 0.0), None
+    if x.dtype.kind == "c":  # the bits of the real and of the imaginary parts
+        bits = np.dtype(f"u{x.dtype.itemsize // 2}")
+        differ = (_bits_differ(np, x.real, y.real, bits)
+                  | _bits_differ(np, x.imag, y.imag, bits))
+    else:
+        differ = _bits_differ(np, x, y, np.dtype(f"u{x.dtype.itemsize}"))
+    if not differ.any():
+        return 0, 0.0, 0.0
+    wide = np.complex128 if x.dtype.kind == "c" else np.float64
+    xs, ys = x[differ].astype(wide), y[differ].astype(wide)
+    with np.errstate(all="ignore"):
+        both_nan = np.isnan(xs) & np.isnan(ys)
+        equal = (xs == ys) | both_nan
+        dist = np.abs(xs - ys)
+        if rules.rtol or rules.atol:
+            close = equal | (dist <= rules.atol + rules.rtol * np.abs(ys))
+        else:
+            close = equal
+        dist = np.where(equal, 0.0, dist)
+        rel = np.where(equal, 0.0, dist / np.abs(ys))
+    return int(np.count_nonzero(~close)), float(dist.max()), float(rel.max())
+
+
+def _bits_differ(np: Any, x: Any, y: Any, bits: Any) -> Any:
+    """Elementwise "the bits differ" of two same-dtype views (strided views compare as views)."""
+    try:
+        return x.view(bits) != y.view(bits)
+    except ValueError:  # a strided view numpy will not reinterpret: compare by value, NaN-aware
+        with np.errstate(all="ignore"):
+            return (x != y) | (np.isnan(x) != np.isnan(y)) if x.dtype.kind == "f" else x != y
 
 
 def _extent(shape: tuple, stride: tuple) -> int:

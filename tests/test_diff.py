@@ -489,3 +489,30 @@ def test_a_copy_on_another_path_is_equal(tmp_path):
     copy = tmp_path / "copy.pt"
     shutil.copy(COSINE, copy)
     assert diff(COSINE, copy).equal
+
+
+def test_statistics_without_numpy_come_from_torch(tmp_path, monkeypatch):
+    """numpy is not a dependency: without it torch computes the same statistics."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(50, 40, generator=g, dtype=torch.float64)
+    y = x.clone()
+    y[3, 7] = math.nan
+    y[10, 1] += 2.5
+    y[40, 39] = -0.0 if x[40, 39] == 0 else x[40, 39] * 3
+    a, b = save(tmp_path, "a.pt", {"t": x}), save(tmp_path, "b.pt", {"t": y})
+    with_numpy = diff(a, b).changes[0]
+    monkeypatch.setattr(diff_module, "_numpy", lambda: None)
+    without = diff(a, b).changes[0]
+    assert with_numpy.n_diff == without.n_diff == 3
+    assert repr((with_numpy.max_abs, with_numpy.max_rel)) == repr((without.max_abs,
+                                                                   without.max_rel))
+    assert math.isnan(with_numpy.max_abs)  # a NaN against a number has no distance
+    monkeypatch.undo()
+    y[3, 7] = x[3, 7]
+    b = save(tmp_path, "c.pt", {"t": y})
+    with_numpy = diff(a, b).changes[0]
+    monkeypatch.setattr(diff_module, "_numpy", lambda: None)
+    without = diff(a, b).changes[0]
+    assert (with_numpy.n_diff, with_numpy.max_abs, with_numpy.max_rel) == (
+        without.n_diff, without.max_abs, without.max_rel)
+    assert with_numpy.max_abs == 2.5
