@@ -969,14 +969,19 @@ def _summary(d: Diff) -> str:
     return "; ".join(parts)
 
 
+def _class_change(cls: tuple[str | None, str | None]) -> str | list[str]:
+    """A state only one side has, in words; else the start of its summary (a class change)."""
+    if cls[0] is None:
+        return f"added ({cls[1]})"
+    if cls[1] is None:
+        return f"removed ({cls[0]})"
+    return [f"class {cls[0]} -> {cls[1]}"] if cls[0] != cls[1] else []
+
+
 def _optimizer_summary(o: OptimizerDiff) -> str:
-    if o.cls[0] is None:
-        return f"added ({o.cls[1]})"
-    if o.cls[1] is None:
-        return f"removed ({o.cls[0]})"
-    bits = []
-    if o.cls[0] != o.cls[1]:
-        bits.append(f"class {o.cls[0]} -> {o.cls[1]}")
+    bits = _class_change(o.cls)
+    if isinstance(bits, str):
+        return bits
     if o.group_count[0] != o.group_count[1]:
         bits.append(f"groups {o.group_count[0]} -> {o.group_count[1]}")
     per_key: dict[tuple[str, str], int] = {}
@@ -998,13 +1003,9 @@ def _optimizer_summary(o: OptimizerDiff) -> str:
 
 
 def _scheduler_summary(s: SchedulerDiff) -> str:
-    if s.cls[0] is None:
-        return f"added ({s.cls[1]})"
-    if s.cls[1] is None:
-        return f"removed ({s.cls[0]})"
-    bits = []
-    if s.cls[0] != s.cls[1]:
-        bits.append(f"class {s.cls[0]} -> {s.cls[1]}")
+    bits = _class_change(s.cls)
+    if isinstance(bits, str):
+        return bits
     for k, x, y in s.fields:
         if isinstance(x, (list, tuple, TensorRef)) or isinstance(y, (list, tuple, TensorRef)):
             bits.append(f"{k} changed")
