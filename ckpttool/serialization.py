@@ -18,8 +18,9 @@ request, for the few scalar tensors a report needs (a tensor learning rate, Adam
 
 Writing: :func:`write_checkpoint` pickles the (edited) tree the way ``torch.save`` would have,
 without importing anything the checkpoint names (opaque values are re-emitted by name, with the
-opcodes they were read with), and copies the storage records the new tree still references with
-kernel-side copies: tensor bytes never pass through Python objects or torch. Tensors a rewrite
+opcodes they were read with), and copies the storage records the new tree still references in
+big blocks written straight to disk (O_DIRECT; kernel-side copies where a filesystem has no direct
+I/O): tensor bytes never become Python objects nor pass through torch. Tensors a rewrite
 creates arrive as :class:`NewTensor` values. The output appears atomically (:func:`atomic_output`).
 
 Example:
@@ -1866,6 +1867,171 @@ def _write_all(fd: int, data: Any) -> None:
         view = view[os.write(fd, view):]
 
 
+# Direct writes go out in blocks of this many bytes (a multiple of every direct-I/O alignment),
+# from _DIRECT_BUFFERS reused buffers: one filling, one queued, one being written; RSS grows by
+# the buffers. Big blocks, because the two threads wait for the GIL at every hand-over while
+# the caller imports torch: on a 4 GB copy, 32 MB blocks took 2.4 s where 8 MB took 2.9 s.
+_DIRECT_BLOCK = 32 << 20
+_DIRECT_BUFFERS = 3
+# Offsets and lengths of direct writes are multiples of this (Linux: the logical block size of
+# the device, 512 or 4096).
+_DIRECT_ALIGNMENT = 4096
+
+
+def _write_directly(fd: int) -> bool:
+    """Switch ``fd`` to O_DIRECT writes, where the OS and the filesystem take them."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag or not hasattr(os, "preadv"):
+        return False
+    import fcntl
+
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | flag)
+    except OSError:  # EINVAL: this filesystem has no direct I/O (tmpfs before Linux 6.6, ...)
+        return False
+    return True
+
+
+def _stop_writing_directly(fd: int) -> None:
+    import fcntl
+
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+
+
+class _Appender:
+    """Appends the output's pieces to ``dst``: bytes, and byte ranges of ``src`` (:class:`_Span`).
+
+    The output must be on disk before it takes its name. Written through the page cache, every
+    byte is copied once more in memory, then written back by the kernel, and the final fsync
+    waits for that. So where the filesystem takes O_DIRECT, the file is written in whole aligned
+    blocks straight from a few reused buffers to the disk, a second thread writing one block
+    while the next fills (the input is read into them with preadv); the last block is padded
+    and the file cut to its length. (A 4 GB copy, measured: durable in 1.1x the time ``cp``
+    takes to leave its copy in the page cache, with half of cp's CPU.) Elsewhere bytes go
+    through the page cache and ranges are copied in the kernel (:class:`_Copier`). The fsync
+    itself stays with :func:`atomic_output`. ``report(n)`` follows each piece or chunk.
+
+    Use it as a context manager: leaving the block normally writes what is left; leaving it by
+    an exception only stops the writing thread.
+    """
+
+    def __init__(self, src: int, dst: int, report: Any):
+        self.src, self.dst, self.report = src, dst, report
+        self.length = 0  # bytes appended so far
+        self._copier = _Copier(report)
+        if hasattr(os, "posix_fadvise"):  # a bigger read-ahead on the input, as cp asks too
+            os.posix_fadvise(src, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        self._direct = _write_directly(dst)
+        if self._direct:
+            import mmap  # page-aligned memory, as direct I/O needs
+            import queue
+
+            self._free: Any = queue.SimpleQueue()
+            self._full: Any = queue.SimpleQueue()
+            for _ in range(_DIRECT_BUFFERS - 1):
+                self._free.put(memoryview(mmap.mmap(-1, _DIRECT_BLOCK)))
+            self._buffer = memoryview(mmap.mmap(-1, _DIRECT_BLOCK))
+            self._fill = 0  # bytes in self._buffer
+            self._error: BaseException | None = None
+            self._through_cache = False  # the writer's fallback, see _write_block
+            self._writer = threading.Thread(target=self._write_blocks, daemon=True,
+                                            name="ckpttool-writer")
+            self._writer.start()
+
+    def __enter__(self) -> _Appender:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if not self._direct:
+            return
+        if kind is None:
+            pad = -self._fill % _DIRECT_ALIGNMENT
+            self._buffer[self._fill:self._fill + pad] = bytes(pad)
+            self._fill += pad
+            if self._fill:
+                self._full.put((self._buffer, self.length + pad - self._fill, self._fill))
+        self._full.put(None)
+        self._writer.join()
+        if kind is None:
+            if self._error is not None:
+                raise self._error
+            os.ftruncate(self.dst, self.length)
+
+    def add(self, piece: bytes | _Span) -> None:
+        """Append ``piece``."""
+        if isinstance(piece, bytes):
+            self.write(piece)
+        else:
+            self.copy(piece.offset, piece.size)
+
+    def write(self, data: bytes) -> None:
+        """Append ``data``."""
+        if not self._direct:
+            _write_all(self.dst, data)
+            self.length += len(data)
+        else:
+            view = memoryview(data)
+            while view:
+                n = min(self._room(), len(view))
+                self._buffer[self._fill:self._fill + n] = view[:n]
+                self._fill += n
+                self.length += n  # (a block handed on starts at self.length - self._fill)
+                view = view[n:]
+        self.report(len(data))
+
+    def copy(self, offset: int, size: int) -> None:
+        """Append ``size`` bytes of the input from ``offset`` on."""
+        if not self._direct:
+            self._copier.copy(self.src, self.dst, offset, size)
+            self.length += size
+            return
+        done = 0
+        while done < size:
+            n = min(self._room(), size - done)
+            n = os.preadv(self.src, [self._buffer[self._fill:self._fill + n]], offset + done)
+            if n == 0:
+                raise InputError("the input ends inside tensor data; it is truncated")
+            self._fill += n
+            self.length += n
+            done += n
+            self.report(n)
+
+    def _room(self) -> int:
+        """Free bytes in the current buffer, handing it to the writer first when it is full."""
+        if self._fill == _DIRECT_BLOCK:
+            self._full.put((self._buffer, self.length - self._fill, self._fill))
+            self._buffer, self._fill = self._free.get(), 0
+            if self._error is not None:
+                raise self._error
+        return _DIRECT_BLOCK - self._fill
+
+    def _write_blocks(self) -> None:
+        """The writing thread: each block at its offset, in order. After a failure it only
+        hands the buffers back (the producer raises the error)."""
+        while (job := self._full.get()) is not None:
+            buffer, offset, length = job
+            try:
+                if self._error is None:
+                    self._write_block(buffer[:length], offset)
+            except BaseException as e:
+                self._error = e
+            self._free.put(buffer)
+
+    def _write_block(self, view: memoryview, offset: int) -> None:
+        while view:
+            try:
+                n = os.pwrite(self.dst, view, offset)
+            except OSError as e:
+                if e.errno != errno.EINVAL or self._through_cache:
+                    raise
+                # The device wants coarser alignment than _DIRECT_ALIGNMENT: the same blocks
+                # go through the page cache from here on.
+                _stop_writing_directly(self.dst)
+                self._through_cache = True
+                continue
+            view, offset = view[n:], offset + n
+
+
 # --- the atomic output -----------------------------------------------------------------------
 
 
@@ -1944,8 +2110,8 @@ def write_checkpoint(file: TorchFile, root: Any, out_path: str | os.PathLike, *,
     """Write ``root`` (``file.root``, edited) as a checkpoint of the same kind as ``file``.
 
     Tensors that come from ``file`` (TensorRef) keep their storage records, copied byte for
-    byte in the kernel; :class:`NewTensor` values get records of their own; storages no longer
-    referenced are dropped. Opaque values are written back exactly as they were read. A zip
+    byte (:class:`_Appender`); :class:`NewTensor` values get records of their own; storages no
+    longer referenced are dropped. Opaque values are written back exactly as they were read. A zip
     is laid out as torch.save lays it out (record order, 64-byte alignment, zip64 where
     needed), under the input's folder name; a legacy file stays legacy. The output appears
     atomically (:func:`atomic_output`); ``file.path`` is only read.
@@ -1990,14 +2156,10 @@ def write_checkpoint(file: TorchFile, root: Any, out_path: str | os.PathLike, *,
             progress(done, total)
 
     try:
-        with open(file.path, "rb") as src, atomic_output(out_path) as out:
-            copier = _Copier(report)
+        with open(file.path, "rb") as src, atomic_output(out_path) as out, \
+                _Appender(src.fileno(), out.fileno(), report) as appender:
             for piece in pieces:
-                if isinstance(piece, bytes):
-                    _write_all(out.fileno(), piece)
-                    report(len(piece))
-                else:
-                    copier.copy(src.fileno(), out.fileno(), piece.offset, piece.size)
+                appender.add(piece)
     except OSError as e:
         if e.filename == file.path:
             raise InputError(f"{file.path}: cannot read: {e.strerror or e}") from None
@@ -2195,13 +2357,16 @@ class StagedWrite:
             raise CkptToolError("only zip checkpoints can be written in stages")
         self.file, self.out_path, self.keep = file, os.fspath(out_path), list(keep)
         self.folder = (file.zip_prefix or "").encode() or b"archive/"
-        self._stack = ExitStack()
-        self._out = self._stack.enter_context(atomic_output(self.out_path))
-        self._src = self._stack.enter_context(open(file.path, "rb"))
+        with ExitStack() as stack:  # (left by an exception, it removes what it made)
+            out = stack.enter_context(atomic_output(self.out_path))
+            src = stack.enter_context(open(file.path, "rb"))
+            self._out = stack.enter_context(_Appender(src.fileno(), out.fileno(),
+                                                      self._stop_when_aborted))
+            self._stack = stack.pop_all()
         self._central: list[bytes] = []
         self._staged: list[tuple[str, int, int]] = []
-        self._offset = 0
         self._error: BaseException | None = None
+        self._cancelled = threading.Event()
         self._thread = threading.Thread(target=self._copy, name="ckpttool-staged-copy",
                                         daemon=True)
         self._thread.start()
@@ -2211,7 +2376,6 @@ class StagedWrite:
             with zipfile.ZipFile(self.file.path) as zf:
                 infos = {info.filename: info for info in zf.infolist()}
             prefix = self.file.zip_prefix or ""
-            copier = _Copier(lambda n: None)
             big = sum(self.file.storage_spans[k][1] for k in self.keep) >= _PHASE_MIN_BYTES
             for i, key in enumerate(self.keep):
                 info = infos.get(f"{prefix}data/{key}")
@@ -2222,15 +2386,19 @@ class StagedWrite:
                                      "is damaged")
                 phase = offset if big and i == 0 and offset % STORAGE_ALIGNMENT == 0 else None
                 local, descriptor, entry = _zip_entry(self.folder + f"data/{key}".encode(),
-                                                      size, info.CRC, self._offset, phase)
-                _write_all(self._out.fileno(), local)
-                copier.copy(self._src.fileno(), self._out.fileno(), offset, size)
-                _write_all(self._out.fileno(), descriptor)
+                                                      size, info.CRC, self._out.length, phase)
+                self._out.write(local)
+                self._out.copy(offset, size)
+                self._out.write(descriptor)
                 self._central.append(entry)
                 self._staged.append((f"data/{key}", size, info.CRC))
-                self._offset += len(local) + size + len(descriptor)
         except BaseException as e:  # re-raised in the caller's thread by finish()
             self._error = e
+
+    def _stop_when_aborted(self, n: int) -> None:
+        """After each chunk: stop the copy when :meth:`abort` asks."""
+        if self._cancelled.is_set():
+            raise _Aborted()
 
     def finish(self, root: Any) -> WrittenCheckpoint | None:
         """Complete the file with the new tree ``root``; None when it cannot be completed in
@@ -2259,19 +2427,15 @@ class StagedWrite:
             if [r[:3] for r in records[:len(self._staged)]] != self._staged:
                 self.abort()
                 return None
-            pieces, end = _lay_out(records[len(self._staged):], self.folder, self._offset, {},
-                                   self._central)
-            copier = _Copier(lambda n: None)
+            pieces, end = _lay_out(records[len(self._staged):], self.folder, self._out.length,
+                                   {}, self._central)
             for piece in pieces + [_zip_end(self._central, end)]:
-                if isinstance(piece, bytes):
-                    _write_all(self._out.fileno(), piece)
-                else:
-                    copier.copy(self._src.fileno(), self._out.fileno(), piece.offset, piece.size)
+                self._out.add(piece)
         except BaseException:
             self.abort()
             raise
         try:
-            self._stack.close()  # fsync, rename into place, fsync the folder
+            self._stack.close()  # the last block, fsync, rename into place, fsync the folder
         except OSError as e:
             raise CkptToolError(f"{self.out_path}: cannot write the checkpoint "
                                 f"({e.strerror or e}); nothing was written") from None
@@ -2282,6 +2446,7 @@ class StagedWrite:
 
     def abort(self) -> None:
         """Stop and remove the partial output (the target path is untouched)."""
+        self._cancelled.set()
         self._thread.join()
         try:
             raise _Aborted()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import os
 import json
+import stat
 import warnings
 from typing import Any
 
@@ -691,12 +692,40 @@ def test_os_errors_are_one_line(run_cli, tmp_path, monkeypatch):
 
     monkeypatch.setattr(serialization.os, "copy_file_range", full, raising=False)
     monkeypatch.setattr(serialization.os, "sendfile", full, raising=False)
+    monkeypatch.setattr(serialization.os, "pwrite", full)  # direct writes
     monkeypatch.setattr(serialization, "_write_all", full)
     result = run_cli("reschedule", FIXTURES / "adamw_cosine.pt", "-o", tmp_path / "o.pt",
                      "--set", "T_max=80")
     assert result.exit_code == EXIT_ERROR
     assert len(result.stderr.splitlines()) == 1 and "No space left" in result.stderr
     assert "internal error" not in result.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_the_output_is_on_disk_and_verified_before_it_takes_its_name(run_cli, tmp_path,
+                                                                    monkeypatch):
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    real_verify = ckpttool.Rescheduled.verify
+
+    def fsync(fd):
+        real_fsync(fd)
+        events.append("fsync " + ("file" if stat.S_ISREG(os.fstat(fd).st_mode) else "folder"))
+
+    def replace(a, b):
+        real_replace(a, b)
+        events.append(f"rename to {os.path.basename(b)}")
+
+    def verify(self, path, *args):
+        events.append(f"verify {os.path.basename(path)}")
+        return real_verify(self, path, *args)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(ckpttool.Rescheduled, "verify", verify)
+    result = run_cli("reschedule", FIXTURES / "adamw_cosine.pt", "-o", tmp_path / "o.pt",
+                     "--set", "T_max=80")
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert events == ["fsync file", "rename to .o.pt.ckpttool-new", "fsync folder",
+                      "verify .o.pt.ckpttool-new", "rename to o.pt", "fsync folder"]
 
 
 def test_leaving_a_cycling_schedule_says_where_the_base_lr_comes_from():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import builtins
 import io
+import itertools
 import math
 import os
 import pickle
@@ -16,6 +17,8 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
+import time
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -704,11 +707,160 @@ def test_copies_fall_back_when_the_kernel_cannot(tmp_path, monkeypatch):
     def refuse(*args):
         raise OSError(18, "Invalid cross-device link")  # EXDEV
 
+    monkeypatch.setattr(serialization, "_write_directly", lambda fd: False)  # (as on tmpfs)
     monkeypatch.setattr(os, "copy_file_range", refuse)
     monkeypatch.setattr(os, "sendfile", refuse)
     src = FIXTURES / "adamw_cosine.pt"
     rewrite(src, tmp_path / "out.pt")
     assert_same_but_id(tmp_path / "out.pt", src)
+
+
+# --- direct writes --------------------------------------------------------------------------
+
+
+def needs_direct_io(folder):
+    probe = folder / ".probe"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT)
+    try:
+        if not serialization._write_directly(fd):
+            pytest.skip("this filesystem has no direct I/O")
+    finally:
+        os.close(fd)
+        os.remove(probe)
+
+
+def many_blocks(tmp_path, monkeypatch):
+    """An input of a dozen 8 KB blocks, written in 8 KB blocks: (input, output folder)."""
+    src, out = folders(tmp_path, "in/in.pt", "out/out.pt")
+    needs_direct_io(out.parent)
+    monkeypatch.setattr(serialization, "_DIRECT_BLOCK", 8192)
+    torch.manual_seed(0)
+    torch.save({"model": {f"w{i}": torch.randn(1000 + 37 * i) for i in range(24)},
+                "optimizer": {"param_groups": [{"lr": 0.1, "weight_decay": 0}]}}, src)
+    return src, out.parent
+
+
+def edit(root):
+    root["optimizer"]["param_groups"][0]["weight_decay"] = 0.01  # the pickle changes length
+    root["note"] = "a" * 20000  # and spans blocks
+
+
+def spy_writes(monkeypatch, fail=None):
+    """Record (offset, length, O_DIRECT set) of each os.pwrite; ``fail(i, direct)`` may return
+    an OSError to raise instead."""
+    import fcntl
+
+    writes, real = [], os.pwrite
+
+    def pwrite(fd, data, offset):
+        direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+        error = fail(len(writes), direct) if fail else None
+        writes.append((offset, len(data), direct))
+        if error is not None:
+            raise error
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    return writes
+
+
+def test_the_output_goes_to_disk_directly_in_whole_blocks(tmp_path, monkeypatch):
+    src, out = many_blocks(tmp_path, monkeypatch)
+    writes = spy_writes(monkeypatch)
+    _, result, _ = rewrite(src, out / "direct.pt", edit)
+    assert len(writes) > 3 and all(direct for *_, direct in writes)
+    assert all(o % 4096 == 0 and n % 4096 == 0 for o, n, _ in writes)
+    starts = itertools.accumulate([0] + [n for _, n, _ in writes[:-1]])
+    assert [o for o, *_ in writes] == list(starts)  # in order, one after the other
+    assert (out / "direct.pt").stat().st_size == result.size  # the padded last block cut off
+    # The same bytes as written through the page cache.
+    monkeypatch.setattr(serialization, "_write_directly", lambda fd: False)
+    rewrite(src, out / "cached.pt", edit)
+    assert (out / "direct.pt").read_bytes() == (out / "cached.pt").read_bytes()
+    expected = torch.load(src, weights_only=True)
+    edit(expected)
+    same_loaded(expected, torch.load(out / "direct.pt", weights_only=True))
+
+
+def test_a_device_wanting_coarser_blocks_gets_them_through_the_cache(tmp_path, monkeypatch):
+    src, out = many_blocks(tmp_path, monkeypatch)
+    rewrite(src, out / "expected.pt", edit)
+    writes = spy_writes(monkeypatch, lambda i, direct: OSError(22, "Invalid argument")
+                        if direct else None)
+    rewrite(src, out / "out.pt", edit)
+    assert writes[0][2] and not any(direct for *_, direct in writes[1:])
+    assert writes[1][:2] == writes[0][:2]  # the refused block, again
+    assert (out / "out.pt").read_bytes() == (out / "expected.pt").read_bytes()
+
+
+def test_a_failed_direct_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    src, out = many_blocks(tmp_path, monkeypatch)
+    spy_writes(monkeypatch, lambda i, direct: OSError(28, "No space left on device")
+               if i == 2 else None)
+    with pytest.raises(CkptToolError, match=r"\(No space left on device\); nothing was written"):
+        rewrite(src, out / "out.pt", edit)
+    assert list(out.iterdir()) == []
+    assert not [t for t in threading.enumerate() if t.name == "ckpttool-writer"]
+
+
+def test_the_output_is_fsynced_before_it_takes_its_name(tmp_path, monkeypatch):
+    src, out = many_blocks(tmp_path, monkeypatch)
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        real_fsync(fd)
+        events.append("fsync " + ("file" if stat.S_ISREG(os.fstat(fd).st_mode) else "folder"))
+
+    def replace(a, b):
+        real_replace(a, b)
+        events.append(f"rename to {Path(b).name}")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    rewrite(src, out / "out.pt", edit)
+    assert events == ["fsync file", "rename to out.pt", "fsync folder"]
+    events.clear()
+    ckpt = read_checkpoint(src)
+    serialization.StagedWrite(ckpt, out / "staged.pt", list(ckpt.storage_order)).finish(ckpt.root)
+    assert events == ["fsync file", "rename to staged.pt", "fsync folder"]
+
+
+def test_a_staged_write_copies_while_the_tree_is_made(tmp_path, monkeypatch):
+    src, out = many_blocks(tmp_path, monkeypatch)
+    ckpt = read_checkpoint(src)
+    staged = serialization.StagedWrite(ckpt, out / "out.pt", list(ckpt.storage_order[:5]))
+    edit(ckpt.root)
+    written = staged.finish(ckpt.root)
+    assert written.copied == {k: k for k in ckpt.storage_order}
+    back = read_checkpoint(out / "out.pt")
+    assert all(record(back, k) == record(ckpt, k) for k in ckpt.storage_order)
+    expected = torch.load(src, weights_only=True)
+    edit(expected)
+    same_loaded(expected, torch.load(out / "out.pt", weights_only=True))
+
+
+def test_aborting_a_staged_write_stops_its_copy_and_leaves_nothing(tmp_path, monkeypatch):
+    src, out = many_blocks(tmp_path, monkeypatch)
+    ckpt = read_checkpoint(src)
+    started, go, reads, real = threading.Event(), threading.Event(), [], os.preadv
+
+    def preadv(*args):  # the first read waits until abort() has asked the copy to stop
+        reads.append(args)
+        started.set()
+        go.wait(10)
+        return real(*args)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    staged = serialization.StagedWrite(ckpt, out / "out.pt", list(ckpt.storage_order))
+    assert started.wait(10)
+    aborting = threading.Thread(target=staged.abort)
+    aborting.start()
+    while not staged._cancelled.is_set():
+        time.sleep(0.001)
+    go.set()
+    aborting.join(10)
+    assert not aborting.is_alive() and len(reads) == 1  # 24 records, one read
+    assert list(out.iterdir()) == []
 
 
 plain = st.recursive(

@@ -4,9 +4,10 @@
 
 Target (PRODUCT.md section 6): at most 1.2x the wall time of `cp`, peak RSS under 1 GB. The
 rewrite is what `reschedule` does to the bytes: the pickle is written anew and every storage
-record is copied in the kernel; unlike `cp` it also fsyncs the file and its folder (the write
-is atomic and durable), so the figure includes getting the bytes to disk. Both outputs go to the
-folder of the input, the same filesystem for both, and are removed at the end.
+record is copied byte for byte, straight to disk (O_DIRECT); unlike `cp` it also fsyncs the file
+and its folder (the write is atomic and durable), so the figure includes getting the bytes to
+disk. Both outputs go to the folder of the input, the same filesystem for both, and are removed at
+the end.
 
 Exit status 1 when the ratio or the peak RSS misses its target.
 """

@@ -103,7 +103,8 @@ def compare(ours: list[str], baseline: list[str], repeats: int = 5, *,
         b.append(t), rss_b.append(r)
     ma, mb = statistics.median(a), statistics.median(b)
     return {"ours_s": ma, "baseline_s": mb, "ratio": ma / mb,
-            "ours_peak_rss_mb": max(rss_a) / 2**20, "baseline_peak_rss_mb": max(rss_b) / 2**20}
+            "ours_peak_rss_mb": max(rss_a) / 2**20, "baseline_peak_rss_mb": max(rss_b) / 2**20,
+            "ours_runs": a, "baseline_runs": b}
 
 
 def report(name: str, result: dict, target: float) -> None:
@@ -112,6 +113,9 @@ def report(name: str, result: dict, target: float) -> None:
           f"-> ratio {result['ratio']:.3f} (target <= {target}) {verdict}; peak RSS "
           f"{result['ours_peak_rss_mb']:.0f} MB vs {result['baseline_peak_rss_mb']:.0f} MB",
           flush=True)
+    if "ours_runs" in result:  # the spread says how noisy the machine was
+        print(f"  runs: ckpttool {' '.join(f'{t:.2f}' for t in result['ours_runs'])}; baseline "
+              f"{' '.join(f'{t:.2f}' for t in result['baseline_runs'])}", flush=True)
 
 
 PY = sys.executable
