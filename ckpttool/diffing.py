@@ -32,6 +32,7 @@ from ckpttool.serialization import (
     Opaque,
     TensorRef,
     TorchFile,
+    children,
     dotted_name,
     join_location,
     same_bytes,
@@ -230,8 +231,8 @@ def _mirror(root: Any, path: tuple, tensors: dict[tuple, TensorRef]) -> Any:
                 out = tuple(copy(v, where + (i,)) for i, v in enumerate(value))
             else:
                 out = {"__class__": value.dotted}
-                for k, v in _opaque_children(value):
-                    out[k] = copy(v, where + (k,))
+                for k, v in children(value):  # keys as walk() names them
+                    out[str(k)] = copy(v, where + (str(k),))
             memo[id(value)] = out
             return out
         if isinstance(value, Marker):
@@ -242,12 +243,6 @@ def _mirror(root: Any, path: tuple, tensors: dict[tuple, TensorRef]) -> Any:
         return scalar_value(value)
 
     return copy(root, path)
-
-
-def _opaque_children(value: Opaque) -> list[tuple[str, Any]]:
-    from ckpttool.serialization import children
-
-    return [(str(k), v) for k, v in children(value)]
 
 
 # --- the comparison ----------------------------------------------------------------------------
@@ -296,7 +291,7 @@ def diff(a: str | os.PathLike | Checkpoint, b: str | os.PathLike | Checkpoint, *
                                              rules, progress)
     changes += tensor_changes
     changes = [c for c in changes if rules.selected(c)]
-    changes.sort(key=lambda c: _order(c, ckpt_a))
+    changes.sort(key=_order)
     counts = TensorCounts(
         counts.compared, counts.changed,
         added=sum(1 for p in tensors_b if p not in tensors_a
@@ -334,10 +329,10 @@ class _Rules:
         """"optimizer" or "scheduler" for a path inside such a state (in A or B), else "other"."""
         for ckpt in (self.ckpt_a, self.ckpt_b):
             for opt in ckpt.optimizers:
-                if _within(path, opt.location):
+                if within(path, opt.location):
                     return "optimizer"
             for sched in ckpt.schedulers:
-                if sched.location is not None and _within(path, sched.location):
+                if sched.location is not None and within(path, sched.location):
                     return "scheduler"
         return "other"
 
@@ -374,7 +369,8 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _within(path: str, location: str) -> bool:
+def within(path: str, location: str) -> bool:
+    """Whether ``path`` is ``location`` or lies under it ("" is the root: everything does)."""
     return location == "" or path == location or path.startswith(location + "/")
 
 
@@ -829,7 +825,7 @@ def _optimizer_diffs(ckpt_a: Checkpoint, ckpt_b: Checkpoint, changes: list[Chang
                     groups.append(GroupDiff(i, delta))
         state: dict[str, dict[str, int]] = {}
         for c in changes:
-            sub = c.path[len(loc):].lstrip("/").split("/") if _within(c.path, loc) else []
+            sub = c.path[len(loc):].lstrip("/").split("/") if within(c.path, loc) else []
             if len(sub) == 3 and sub[0] == "state" and c.tensor:
                 counts = state.setdefault(sub[2], {"added": 0, "removed": 0, "changed": 0})
                 counts[c.kind if c.kind in ("added", "removed") else "changed"] += 1
@@ -931,7 +927,7 @@ def _plain_state(ckpt: Checkpoint, state: Mapping) -> dict[str, Any]:
     return out
 
 
-def _order(change: Change, ckpt_a: Checkpoint) -> tuple:
+def _order(change: Change) -> tuple:
     """Sections in a fixed order, then paths as numbers read (group 10 after group 9)."""
     return (SECTIONS.index(change.section),
             tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in change.path.split("/")))
@@ -955,7 +951,7 @@ def _summary(d: Diff) -> str:
             parts.append(f"other: {_count(len(other), 'value')} changed")
     for sect in ("optimizer", "scheduler"):
         loose = [c for c in d.changes if c.section == sect and not c.tensor
-                 and not any(_within(c.path, loc) for loc in state_paths)]
+                 and not any(within(c.path, loc) for loc in state_paths)]
         if loose:
             parts.append(f"{sect}: {_count(len(loose), 'value')} changed")
     t = d.tensors

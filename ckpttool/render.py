@@ -649,7 +649,7 @@ def _limited(lines: list[str], limit: int | None, indent: str = "  ") -> list[st
 
 def diff_text(d: Any, limit: int | None = DIFF_LIMIT) -> str:
     """The human diff: the summary line, then each changed state, tensors, other values."""
-    from ckpttool.diffing import _within
+    from ckpttool.diffing import within
 
     blocks = [[d.summary, f"  A  {d.a}  ({d.kind_a})", f"  B  {d.b}  ({d.kind_b})"]]
     covered: set[int] = set()  # changes a state's block has shown
@@ -668,7 +668,7 @@ def diff_text(d: Any, limit: int | None = DIFF_LIMIT) -> str:
             lines.append(f"  state {st.key}: " + ", ".join(c for c in counts if c))
         rest = []
         for i, c in enumerate(d.changes):
-            if not _within(c.path, o.location):
+            if not within(c.path, o.location):
                 continue
             sub = c.path[len(o.location):].lstrip("/").split("/")
             grouped = len(sub) == 3 and sub[0] == "param_groups"
@@ -686,7 +686,7 @@ def diff_text(d: Any, limit: int | None = DIFF_LIMIT) -> str:
                   for k, a, b in s.args if k not in field_keys]
         rest = []
         for i, c in enumerate(d.changes):
-            if not _within(c.path, s.location):
+            if not within(c.path, s.location):
                 continue
             covered.add(i)
             sub = c.path[len(s.location):].lstrip("/").split("/")

@@ -37,3 +37,40 @@ def train_schedule(opt, make, steps: int):
             opt.step()
             sched.step()
     return copy.deepcopy(sched.state_dict()), copy.deepcopy(opt.state_dict()["param_groups"])
+
+
+def run_main(args, monkeypatch, capsys, *, tty: bool):
+    """The real entry point (not CliRunner, whose streams are no terminal), with stderr a
+    terminal or not; returns (exit code, stdout, stderr)."""
+    import sys
+
+    from ckpttool.cli import cli
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+def record_durability(monkeypatch) -> list[str]:
+    """Record every fsync ("fsync file" / "fsync folder") and rename ("rename to NAME"), in
+    order, into the returned list (the calls still happen)."""
+    import os
+    import stat
+
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        real_fsync(fd)
+        events.append("fsync " + ("file" if stat.S_ISREG(os.fstat(fd).st_mode) else "folder"))
+
+    def replace(a, b):
+        real_replace(a, b)
+        events.append(f"rename to {os.path.basename(b)}")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events

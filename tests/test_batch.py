@@ -15,7 +15,7 @@ import torch
 import ckpttool
 from ckpttool import batch
 from ckpttool.errors import EXIT_ERROR, EXIT_OK, InputError
-from conftest import ROOT
+from conftest import ROOT, run_main
 
 COSINE = "fixtures/adamw_cosine.pt"
 # A sweep of runs, each file a copy of a fixture: run10 sorts after run2.
@@ -152,14 +152,7 @@ def test_one_file_keeps_its_report(run_cli, sweep):
 
 
 def _main(args, monkeypatch, capsys, *, tty: bool):
-    from ckpttool.cli import cli
-
-    capsys.readouterr()
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
-    with pytest.raises(SystemExit) as exit_:
-        cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
+    return run_main(args, monkeypatch, capsys, tty=tty)
 
 
 @pytest.mark.parametrize("command", [["show", "sweep"],

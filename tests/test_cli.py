@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ckpttool.errors import EXIT_ERROR, EXIT_OK
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, run_main
 
 GOLDEN = ROOT / "tests" / "golden" / "show"
 # Every readable fixture has a golden human report: adding a fixture adds a case.
@@ -331,16 +331,7 @@ def test_shell_completion_script_and_completions():
 
 
 def _main(args, monkeypatch, capsys, *, tty: bool):
-    """The real entry point (not CliRunner, whose streams are no terminal), with stderr a
-    terminal or not; returns (exit code, stdout, stderr)."""
-    from ckpttool.cli import cli
-
-    capsys.readouterr()
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
-    with pytest.raises(SystemExit) as exit_:
-        cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
+    return run_main(args, monkeypatch, capsys, tty=tty)
 
 
 LONG_REPLAY = ["reschedule", "fixtures/adamw_cosine.pt", "--dry-run", "--step", "150000"]

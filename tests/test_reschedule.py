@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import os
 import json
-import stat
 import warnings
 from typing import Any
 
@@ -25,7 +24,7 @@ from torch.optim import lr_scheduler as L
 import ckpttool
 from ckpttool.errors import CkptToolError, EXIT_ERROR, EXIT_OK
 from ckpttool.serialization import read_checkpoint
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, record_durability
 from test_schedulers import Spec, build, specs
 
 REPLAYABLE = ["StepLR", "MultiStepLR", "ConstantLR", "LinearLR", "ExponentialLR",
@@ -703,23 +702,13 @@ def test_os_errors_are_one_line(run_cli, tmp_path, monkeypatch):
 
 def test_the_output_is_on_disk_and_verified_before_it_takes_its_name(run_cli, tmp_path,
                                                                     monkeypatch):
-    events, real_fsync, real_replace = [], os.fsync, os.replace
+    events = record_durability(monkeypatch)
     real_verify = ckpttool.Rescheduled.verify
-
-    def fsync(fd):
-        real_fsync(fd)
-        events.append("fsync " + ("file" if stat.S_ISREG(os.fstat(fd).st_mode) else "folder"))
-
-    def replace(a, b):
-        real_replace(a, b)
-        events.append(f"rename to {os.path.basename(b)}")
 
     def verify(self, path, *args):
         events.append(f"verify {os.path.basename(path)}")
         return real_verify(self, path, *args)
 
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
     monkeypatch.setattr(ckpttool.Rescheduled, "verify", verify)
     result = run_cli("reschedule", FIXTURES / "adamw_cosine.pt", "-o", tmp_path / "o.pt",
                      "--set", "T_max=80")

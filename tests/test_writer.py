@@ -40,6 +40,7 @@ from ckpttool.serialization import (
     read_checkpoint,
     write_checkpoint,
 )
+from conftest import record_durability
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 READABLE = sorted(p.relative_to(FIXTURES).as_posix() for p in FIXTURES.rglob("*")
@@ -805,18 +806,7 @@ def test_a_failed_direct_write_leaves_nothing_behind(tmp_path, monkeypatch):
 
 def test_the_output_is_fsynced_before_it_takes_its_name(tmp_path, monkeypatch):
     src, out = many_blocks(tmp_path, monkeypatch)
-    events, real_fsync, real_replace = [], os.fsync, os.replace
-
-    def fsync(fd):
-        real_fsync(fd)
-        events.append("fsync " + ("file" if stat.S_ISREG(os.fstat(fd).st_mode) else "folder"))
-
-    def replace(a, b):
-        real_replace(a, b)
-        events.append(f"rename to {Path(b).name}")
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    events = record_durability(monkeypatch)
     rewrite(src, out / "out.pt", edit)
     assert events == ["fsync file", "rename to out.pt", "fsync folder"]
     events.clear()

@@ -12,11 +12,10 @@ differs.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import struct
 
-from common import DATA, PY, compare, make_checkpoint, report
+from common import DATA, PY, big_file_arguments, compare, make_checkpoint, report
 
 
 def changed_copy(path, out):
@@ -41,10 +40,7 @@ def changed_copy(path, out):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--gb", type=float, default=4.0)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = big_file_arguments(__doc__, 3)
     path = make_checkpoint(DATA / f"big_{args.gb:g}gb.pt", args.gb)
     changed = changed_copy(path, DATA / f"big_{args.gb:g}gb_changed.pt")
     same = DATA / f"big_{args.gb:g}gb_copy.pt"

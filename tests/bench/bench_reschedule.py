@@ -9,17 +9,13 @@ copied, never unpickled) and the verification of the written file.
 
 from __future__ import annotations
 
-import argparse
 import os
 
-from common import DATA, PY, compare, make_checkpoint, report
+from common import DATA, PY, big_file_arguments, compare, make_checkpoint, report
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--gb", type=float, default=4.0)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = big_file_arguments(__doc__, 3)
     path = make_checkpoint(DATA / f"big_{args.gb:g}gb.pt", args.gb)
     ours_out, cp_out = DATA / "rescheduled.pt", DATA / "copied.pt"
     ours = [PY, "-m", "ckpttool", "reschedule", str(path), "-o", str(ours_out),

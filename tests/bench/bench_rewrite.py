@@ -14,11 +14,10 @@ Exit status 1 when the ratio or the peak RSS misses its target.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from common import DATA, PY, compare, make_checkpoint, report
+from common import DATA, PY, big_file_arguments, compare, make_checkpoint, report
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: runs without installing ckpttool
 TARGET_RATIO = 1.2
@@ -34,10 +33,7 @@ REWRITE = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gb", type=float, default=4.0)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args(argv)
+    args = big_file_arguments(__doc__.splitlines()[0], 5, argv)
     path = make_checkpoint(DATA / f"big_{args.gb:g}gb.pt", args.gb)
     ours_out, cp_out = path.with_name("rewrite_out.pt"), path.with_name("cp_out.pt")
     try:

@@ -7,16 +7,12 @@ Target (PRODUCT.md section 6): ckpttool at most 0.25x the torch one-liner's wall
 
 from __future__ import annotations
 
-import argparse
 
-from common import DATA, PY, compare, make_checkpoint, report
+from common import DATA, PY, big_file_arguments, compare, make_checkpoint, report
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--gb", type=float, default=4.0)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = big_file_arguments(__doc__, 5)
     path = make_checkpoint(DATA / f"big_{args.gb:g}gb.pt", args.gb)
     ours = [PY, "-m", "ckpttool", "show", str(path)]
     torch_load = [PY, "-c", "import torch, sys; torch.load(sys.argv[1], mmap=True, "

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 DATA = Path(__file__).resolve().parent / "_data"
 _in_builder = False
@@ -119,3 +120,14 @@ def report(name: str, result: dict, target: float) -> None:
 
 
 PY = sys.executable
+
+
+def big_file_arguments(doc: str, repeats: int, argv: list[str] | None = None) -> Any:
+    """The options every 4 GB benchmark takes: ``--gb`` (the checkpoint's size) and
+    ``--repeats`` (alternating runs of each command)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--gb", type=float, default=4.0)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    return parser.parse_args(argv)
