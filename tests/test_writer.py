@@ -913,3 +913,21 @@ def test_small_files_get_no_page_padding(tmp_path):
     root["note"] = "a" * 301  # the pickle changes length
     write_checkpoint(ckpt, root, out)
     assert out.stat().st_size < src.stat().st_size + 1024
+
+
+def test_copy_file_copies_bytes_durably_and_never_overwrites(tmp_path, monkeypatch):
+    from ckpttool import serialization
+
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom((33 << 20) + 4097))  # past one direct block, unaligned tail
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    seen = []
+    assert serialization.copy_file(src, tmp_path / "dst.bin", report=seen.append) == src.stat().st_size
+    assert (tmp_path / "dst.bin").read_bytes() == src.read_bytes()
+    assert sum(seen) == src.stat().st_size and synced
+    assert os.stat(tmp_path / "dst.bin").st_ino != src.stat().st_ino
+    with pytest.raises(FileExistsError):
+        serialization.copy_file(src, tmp_path / "dst.bin")
+    assert (tmp_path / "dst.bin").read_bytes() == src.read_bytes()
