@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,52 @@ from ckpttool.schedulers import (
     value_repr,
 )
 from ckpttool.serialization import TensorRef, TorchFile, load_tensor
+
+
+
+def defer_dynamo() -> None:
+    """Let the stand-in optimizers skip torch._dynamo until something else imports it.
+
+    torch wraps Optimizer.add_param_group, state_dict, load_state_dict and zero_grad in
+    ``torch._disable_dynamo``, which imports torch._dynamo at their first call: 1.5 s of CPU, as
+    much as importing torch itself, for stand-ins nobody compiles. That wrapper first looks for a
+    cached ``__dynamo_disable`` on the wrapped function; the one given here calls the function
+    itself while torch._dynamo is not imported (nothing can be compiling then) and, from the
+    moment it is, what torch._dynamo.disable makes of it, exactly as torch would. It changes
+    torch for the whole process, so only the ``ckpttool`` command calls it (at the first import
+    of this module in that process), never the library. With a torch whose wrapper differs,
+    nothing changes.
+    """
+    lazy = getattr(torch, "_disable_dynamo", None)
+    code = getattr(lazy(lambda: None), "__code__", None) if callable(lazy) else None
+    if code is None:
+        return
+    for method in vars(torch.optim.Optimizer).values():
+        fn = getattr(method, "__wrapped__", None)
+        if (fn is not None and getattr(method, "__code__", None) is code
+                and getattr(fn, "__dynamo_disable", None) is None):
+            setattr(fn, "__dynamo_disable", _until_dynamo(fn))
+
+
+def _until_dynamo(fn: Callable) -> Callable:
+    """``fn`` itself until torch._dynamo is imported; from then on torch._dynamo.disable(fn)."""
+    disabled = None
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        nonlocal disabled
+        if disabled is None:
+            dynamo = sys.modules.get("torch._dynamo")
+            disable = getattr(dynamo, "disable", None)  # None while it is still importing
+            if disable is None:
+                return fn(*args, **kwargs)
+            disabled = disable(fn, recursive=True, wrapping=False)
+        return disabled(*args, **kwargs)
+
+    return call
+
+
+if getattr(sys.modules.get("ckpttool.cli"), "RUNNING", False):
+    defer_dynamo()
 
 __all__ = ["VerifyResult", "build_scheduler", "materialize", "rebuild_stored", "replay",
            "standin_optimizer", "verify", "verify_together"]

@@ -7,6 +7,8 @@ The oracle is always a real torch run; hand edits like a user's must be named by
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 import warnings
 
@@ -25,7 +27,7 @@ from ckpttool.schedule import (
 )
 from ckpttool.schedulers import SchedulerInfo, identify_scheduler
 from ckpttool.serialization import TensorRef, read_checkpoint
-from conftest import train_schedule
+from conftest import FIXTURES, ROOT, train_schedule
 
 
 def sgd(lrs=(0.1, 0.05), momentum=0.9, **kw) -> torch.optim.SGD:
@@ -302,3 +304,44 @@ def test_verify_tensor_lrs_read_from_a_file():
     as64 = [{**g, "lr": g["lr"].double(), "initial_lr": g["initial_lr"].double()}
             for g in tree["optimizer"]["param_groups"]]
     assert verify("AdamW", as64, tree["scheduler"], info).identical is False
+
+
+def _python(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True,
+                          text=True)
+
+
+def test_the_command_replays_without_importing_torch_dynamo(tmp_path):
+    # torch imports torch._dynamo at an optimizer's first add_param_group/state_dict (1.5 s of
+    # CPU); the ckpttool process defers it, and a compile afterwards still works.
+    code = (
+        "import gc, sys\n"
+        "sys.argv = ['ckpttool', 'reschedule', sys.argv[1], '-o', sys.argv[2], '--set', "
+        "'T_max=80', '--quiet']\n"
+        "from ckpttool.cli import main\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "print('dynamo', 'torch._dynamo' in sys.modules, 'frozen', gc.get_freeze_count() > 0)\n"
+        "import torch\n"
+        "opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)\n"
+        "opt.load_state_dict(opt.state_dict())\n"
+        "print(torch.compile(lambda x: x * 2, backend='eager')(torch.ones(2)).tolist())\n"
+        "print('dynamo', 'torch._dynamo' in sys.modules)\n")
+    proc = _python(code, str(FIXTURES / "adamw_cosine.pt"), str(tmp_path / "out.pt"))
+    assert proc.returncode == 0, proc.stderr
+    assert "verified" in proc.stdout
+    assert proc.stdout.splitlines()[-3:] == ["dynamo False frozen True", "[2.0, 2.0]",
+                                             "dynamo True"]
+
+
+def test_the_library_leaves_torch_as_it_was(tmp_path):
+    code = ("import sys, ckpttool, torch\n"
+            "ckpttool.reschedule(sys.argv[1], sets=['T_max=80']).save(sys.argv[2])\n"
+            "fn = torch.optim.Optimizer.state_dict.__wrapped__\n"
+            "print('torch._dynamo' in sys.modules, getattr(fn, '__dynamo_disable', None) is None"
+            " or fn.__dynamo_disable.__module__.startswith('torch'))\n")
+    proc = _python(code, str(FIXTURES / "adamw_cosine.pt"), str(tmp_path / "out.pt"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "True"]
