@@ -314,10 +314,21 @@ def _severity_counts(findings: tuple[Finding, ...]) -> str:
 def show_summary_row(ckpt: Checkpoint) -> list[str]:
     """One checkpoint as a row of the summary table (:data:`SHOW_SUMMARY_HEADER`); several
     optimizers or schedulers are separated by ``|`` in their cells."""
-    steps = " | ".join(_text(s.last_epoch) for s in ckpt.schedulers) or "-"
+    steps = " | ".join(_text(_summary_step(s)) for s in ckpt.schedulers) or "-"
     lrs = " | ".join(compact_lrs([g.lr for g in o.groups]) for o in ckpt.optimizers) or "-"
-    classes = " | ".join(s.cls for s in ckpt.schedulers) or "-"
+    # an HF Trainer's LambdaLR by the schedule it is (hf:linear(...)), as the report names it
+    classes = " | ".join(s.named or s.cls for s in ckpt.schedulers) or "-"
     return [ckpt.path, ckpt.kind, steps, lrs, classes, _severity_counts(ckpt.findings)]
+
+
+def _summary_step(sched: Any) -> Any:
+    """A scheduler's position: its last_epoch, or for a ChainedScheduler (which stores none of
+    its own) its children's, when they agree."""
+    if sched.last_epoch is None and sched.children:
+        positions = {c.last_epoch for c in sched.children}
+        if len(positions) == 1:
+            return positions.pop()
+    return sched.last_epoch
 
 
 def show_summary_failed_row(path: str) -> list[str]:

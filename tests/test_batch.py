@@ -313,3 +313,13 @@ def test_reschedule_one_input_with_out_dir_is_a_single_reschedule(run_cli, sweep
     failed = run_cli("reschedule", "sweep/run1/last.pt", "--out-dir", "made/for/it", "--set",
                      "nope=1")
     assert failed.exit_code == EXIT_ERROR and not (sweep / "made").exists()
+
+
+def test_the_summary_names_hf_schedules_and_the_position_of_chained_schedulers():
+    from ckpttool import render
+
+    hf = render.show_summary_row(ckpttool.load(ROOT / "fixtures/dirs/hf_trainer/checkpoint-20"))
+    assert hf[2:5] == ["20", "0.000571", "hf:linear(num_warmup_steps=5, num_training_steps=40)"]
+    chained = ckpttool.load(ROOT / "fixtures/schedulers/ChainedScheduler.pt")
+    assert chained.schedulers[0].last_epoch is None  # stored by its children only
+    assert render.show_summary_row(chained)[2] == str(chained.schedulers[0].children[0].last_epoch)
