@@ -118,7 +118,8 @@ def cli(debug: bool) -> None:
               help="Print ckpttool.show/1 JSON (a list of them for several checkpoints).")
 @click.option("--verify", is_flag=True,
               help="Replay each schedule with real torch and say whether the stored state is "
-                   "bit-identical to a clean run (imports torch).")
+                   "bit-identical to a clean run (imports torch; an HF Trainer folder's "
+                   "schedule through transformers, its logged lrs checked too).")
 @click.option("--full", is_flag=True,
               help="With several checkpoints: the full report of each, not one summary table.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -141,7 +142,9 @@ def show(paths: tuple[str, ...], as_json: bool, verify: bool, full: bool, quiet:
 
     found = batch.expand_paths(paths)
     if len(paths) == 1 and not found[0].expanded:  # one checkpoint: its report
-        ckpt = inspection.load(found[0].path, verify=verify)
+        ckpt = inspection.load(found[0].path, verify=verify,
+                               progress=_progress_bar("verifying", quiet=quiet) if verify
+                               else None)
         click.echo(render.dumps(render.show_dict(ckpt)) if as_json else render.show_text(ckpt),
                    nl=as_json)
         return EXIT_OK
@@ -276,7 +279,9 @@ def reschedule(sources, output, out_dir, in_place, spec, sets, lrs, scale_lr, st
 
     The real torch scheduler is re-stepped to the resume step, so the output holds exactly what
     a run with the new schedule would hold there; tensor bytes are copied untouched. The output
-    is re-read and verified before ckpttool says so. Several INs (or a folder of runs, or a
+    is re-read and verified before ckpttool says so. A checkpoint folder (HF Trainer
+    checkpoint-N/, accelerate save_state()) becomes a new folder, every file not rewritten
+    copied; for an HF folder it prints the TrainingArguments to resume with. Several INs (or a folder of runs, or a
     pattern) are each written atomically, with a summary at the end; if any fails, the others
     are still written and the exit code is 2.
 
@@ -287,6 +292,7 @@ def reschedule(sources, output, out_dir, in_place, spec, sets, lrs, scale_lr, st
       ckpttool reschedule run.pt --in-place --scale-lr 0.5
       ckpttool reschedule run.pt --dry-run --set T_max=4000 --plot lr.png
       ckpttool reschedule sweep/ --out-dir sweep-halved/ --scale-lr 0.5
+      ckpttool reschedule run/checkpoint-20 -o run2/checkpoint-20 --set num_training_steps=80
     """
     from ckpttool import batch, render
     from ckpttool.rescheduling import RESCHEDULE_SCHEMA
@@ -320,7 +326,7 @@ def reschedule(sources, output, out_dir, in_place, spec, sets, lrs, scale_lr, st
                                       plot_path=plot_path,
                                       progress=_progress_bar("replaying", quiet=quiet),
                                       write_progress=_progress_bar("writing", quiet=quiet,
-                                                                   minimum=BAR_MIN_BYTES))
+                                                                   minimum=BAR_MIN_COPY_BYTES))
         click.echo(render.dumps(render.reschedule_dict(plan, saved)) if as_json
                    else render.reschedule_text(plan, saved), nl=as_json)
         return EXIT_OK
@@ -402,7 +408,8 @@ def _reschedule_one(source: str, target: str | None, options: dict, *, in_place:
             _note(f"wrote {plot_path}")
         saved = None
         if not dry_run:
-            saved = (plan.save_in_place(backup=backup, force=force, staged=staged) if in_place
+            saved = (plan.save_in_place(backup=backup, force=force, staged=staged,
+                                        progress=write_progress) if in_place
                      else plan.save(target, force=force, staged=staged, progress=write_progress))
     except BaseException:
         if staged is not None:
@@ -487,7 +494,10 @@ def _batch_error(e: Exception, path: str) -> str:
 # Progress bars go to stderr, only when it is a terminal and --quiet is not given, and only for
 # work long enough to want one:
 BAR_MIN_STEPS = 100_000  # a replay of this many steps (a fraction of a second of stepping)
-BAR_MIN_BYTES = 64 << 20  # bytes copied or compared
+BAR_MIN_BYTES = 64 << 20  # bytes compared
+# An output written by copying this many bytes: a second or more on a network filesystem or a
+# disk (an SSD copies it in a few tenths of a second; the bar is then brief).
+BAR_MIN_COPY_BYTES = 256 << 20
 BAR_DELAY_S = 1.0  # a batch over many inputs, once it has run this long
 _live_bars: list = []  # bars being drawn, ended before any message line
 
@@ -496,7 +506,8 @@ def _progress_bar(label: str, *, quiet: bool = False, minimum: int = BAR_MIN_STE
                   delay: float = 0.0):
     """A progress callback ``update(done, total)`` drawing a bar on stderr once ``total`` is at
     least ``minimum`` and ``delay`` seconds have passed; None with --quiet or when stderr is not
-    a terminal (a log file or a pipe gets no bar)."""
+    a terminal (a log file or a pipe gets no bar). A ``total`` corrected on the way (a copy's
+    estimate made exact) rescales the bar."""
     if quiet or not sys.stderr.isatty():
         return None
     start = time.monotonic()
@@ -512,6 +523,7 @@ def _progress_bar(label: str, *, quiet: bool = False, minimum: int = BAR_MIN_STE
             bar = state["bar"] = click.progressbar(length=total, label=label, file=sys.stderr)
             bar.__enter__()
             _live_bars.append(bar)
+        bar.length = total
         bar.update(done - bar.pos)
         if done >= total:
             state.pop("bar")

@@ -102,6 +102,9 @@ class DCPDir(CheckpointDir):
     chunks: dict[int, tuple[tuple[tuple[int, ...], TensorRef], ...]] = field(
         default_factory=dict, repr=False)
     version: str | None = None  # the .metadata's format version ("1.0.0")
+    # flat key -> (its path, where it is stored: a StoredEntry for a bytes entry, a
+    # StoredTensor for a tensor), in stored order: what a writer re-emits (ckpttool.dcp_write)
+    entries: dict[str, tuple[tuple, Any]] = field(default_factory=dict, repr=False)
 
     def tensor_chunks(self, ref: TensorRef) -> tuple[tuple[tuple[int, ...], TensorRef], ...] | None:
         """``((offsets, chunk), ...)`` for a tensor saved in several chunks, None for one
@@ -133,7 +136,8 @@ def read_dcp(path: str | os.PathLike) -> DCPDir:
     version = meta.get("version")
     return DCPDir(path, "dcp", tree, members, globals_seen, size,
                   tuple(n for n in names if n not in used), "little", reader.owners,
-                  reader.chunks, version if isinstance(version, str) else None)
+                  reader.chunks, version if isinstance(version, str) else None,
+                  reader.entries)
 
 
 # --- .metadata ---------------------------------------------------------------------------------
@@ -256,6 +260,21 @@ class _Entry:
     length: int
 
 
+StoredEntry = _Entry  # its public name (DCPDir.entries)
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor entry of ``.metadata`` as read and checked: its dtype and size, its
+    TensorProperties state as stored (read as data), and each chunk ``(offsets, sizes, where)``
+    in stored order, empty chunks included."""
+
+    dtype: str
+    size: tuple[int, ...]
+    properties: Any
+    chunks: tuple[tuple[tuple[int, ...], tuple[int, ...], StoredEntry], ...]
+
+
 _PENDING = object()
 
 
@@ -268,6 +287,7 @@ class _Reader:
         self.sizes: dict[str, int] = {}  # shard name -> size, for each shard the metadata names
         self.owners: dict[int, Any] = {}  # id(storage) -> what locates its bytes
         self.chunks: dict[int, tuple] = {}
+        self.entries: dict[str, tuple[tuple, Any]] = {}  # DCPDir.entries
 
     def bad(self, detail: str) -> InputError:
         return _bad(self.meta_path, detail)
@@ -295,9 +315,10 @@ class _Reader:
                     raise self.bad(f"{what} has no stored bytes in storage_data")
                 bytes_entries.append((path, entry))
                 items.append((path, _PENDING))  # its value once read, below
+                self.entries[key] = (path, entry)
             else:
                 ref, n = self.tensor(key, _record(record, "TensorStorageMetadata", what,
-                                                  self.meta_path), storage)
+                                                  self.meta_path), storage, path)
                 n_chunks += n
                 if n_chunks > MAX_CHUNKS:
                     raise self.bad(f"it lists more than {MAX_CHUNKS:,} tensor chunks")
@@ -395,8 +416,10 @@ class _Reader:
         return _Entry(name, offset, length)
 
     def tensor(self, key: str, fields: dict,
-               storage: dict[tuple[str, tuple | None], _Entry]) -> tuple[TensorRef, int]:
-        """The tree's TensorRef for a tensor entry (its chunks registered), and its chunk count."""
+               storage: dict[tuple[str, tuple | None], _Entry],
+               path: tuple = ()) -> tuple[TensorRef, int]:
+        """The tree's TensorRef for a tensor entry (its chunks registered, the entry recorded
+        in ``entries`` under ``path``), and its chunk count."""
         what = f"the tensor {key[:80]!r}"
         size = _ints(fields.get("size"))
         chunks = fields.get("chunks")
@@ -410,6 +433,7 @@ class _Reader:
         if numel * itemsize > 1 << 62:
             raise self.bad(f"{what} is larger than any file")
         boxes: list[tuple[tuple[int, ...], tuple[int, ...], _Entry]] = []
+        stored: list[tuple[tuple[int, ...], tuple[int, ...], _Entry]] = []
         volume = 0
         for i, chunk in enumerate(chunks):
             c = _record(chunk, "ChunkStorageMetadata", f"chunk {i} of {what}", self.meta_path)
@@ -426,10 +450,13 @@ class _Reader:
                 raise self.bad(f"chunk {i} of {what} holds {n * itemsize} bytes of data in a "
                                f"{entry.length}-byte entry")
             volume += n
+            stored.append((offsets, sizes, entry))
             if n:
                 boxes.append((offsets, sizes, entry))
         if volume != numel or (len(boxes) <= _PAIRWISE_CHUNKS and _overlap(boxes)):
             raise self.bad(f"the chunks of {what} do not cover it exactly once")
+        self.entries[key] = (path, StoredTensor(dtype, size, fields["properties"].state,
+                                                tuple(stored)))
         stride = _contiguous(size)
         if len(boxes) == 1 or numel == 0:
             # One chunk holds it all (or there is nothing to hold): located directly.

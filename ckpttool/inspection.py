@@ -571,13 +571,16 @@ def _dangerous_calls(root: Any) -> list[str]:
 
 
 def _verify_all(file: TorchFile, optimizers: list[OptimizerInfo | None],
-                paired: list[tuple[SchedulerReport, layout.Pairing]]) -> list[SchedulerReport]:
+                paired: list[tuple[SchedulerReport, layout.Pairing]], hf: HFRun | None = None,
+                progress: Callable[[int, int], None] | None = None) -> list[SchedulerReport]:
     """The scheduler reports with their replay verdicts attached (see schedule.verify_together).
 
     The schedulers of one optimizer are replayed together, built in file order and stepped in
     turn, as torch's chaining runs them; a state that cannot be read or replayed gets the reason.
+    An HF Trainer's scheduler is rebuilt from its ``hf:`` name (through transformers), and the
+    lrs of trainer_state.json's log are compared with the same replay.
     """
-    from ckpttool import schedule
+    from ckpttool import schedule, spec
 
     verdicts: dict[int, Any] = {}
     for index, opt in enumerate(optimizers):
@@ -590,7 +593,11 @@ def _verify_all(file: TorchFile, optimizers: list[OptimizerInfo | None],
             groups = schedule.materialize(list(opt.state["param_groups"]), file)
             scheds = [(schedule.materialize(paired[i][0].state, file), paired[i][0].info)
                       for i in mine]
-            results = schedule.verify_together(opt.cls, groups, scheds)
+            named = [spec.parse_spec(paired[i][0].named) if _is_hf(paired[i][0]) else None
+                     for i in mine]
+            logged = hf.logged if hf is not None and any(named) else ()
+            results = schedule.verify_together(opt.cls, groups, scheds, named=named,
+                                               logged=logged, progress=progress)
         except CkptToolError as e:
             results = [schedule.VerifyResult(None, reason=str(e))] * len(mine)
         except Exception as e:  # damage the replay trips over; the report stands without it
@@ -617,6 +624,46 @@ def _verify_findings(sched: SchedulerReport) -> list[Finding]:
     if v.identical is None:
         return [Finding("verify-unavailable", "info", loc, f"cannot replay: {v.reason}")]
     return []
+
+
+# The file of an HF Trainer folder that holds the log of learning rates.
+HF_STATE_FILE = "trainer_state.json"
+# How each convention reads, for findings (see schedule.LOGGED_OFFSETS).
+LOGGED_RULES = {
+    "before-step": "the lr logged with step N is the replay's after N - 1 steps, the lr step N "
+                   "used: transformers >= 4.51 reads it before stepping the scheduler",
+    "after-step": "the lr logged with step N is the replay's after N steps: transformers < 4.51 "
+                  "reads it after stepping the scheduler",
+}
+
+
+def _is_hf(sched: SchedulerReport) -> bool:
+    """A scheduler named after an HF Trainer folder's settings (an ``hf:`` SPEC)."""
+    return (sched.named or "").startswith("hf:")
+
+
+def _logged_findings(sched: SchedulerReport) -> list[Finding]:
+    """trainer_state.json's logged lrs against the clean replay of the named HF schedule."""
+    check = sched.verify.logged if sched.verify is not None else None
+    if check is None:
+        return []
+    call = sched.verify.call
+    skipped = (f"; {check.beyond} logged after the scheduler's step {sched.verify.steps} (or "
+               "before step 1) not compared" if check.beyond else "")
+    rule = LOGGED_RULES[check.convention]
+    if check.agrees:
+        return [Finding(
+            "hf-logged-lr", "info", HF_STATE_FILE,
+            f"all {check.checked} learning_rate values logged in log_history equal a clean "
+            f"replay of {call} ({rule}){skipped}")]
+    step, logged, replayed = check.first_mismatch
+    return [Finding(
+        "hf-logged-lr-mismatch", "error", HF_STATE_FILE,
+        f"log_history step {int_text(step)} logged learning_rate {logged!r}, a clean replay of "
+        f"{call} gives {replayed!r} ({rule}); {check.mismatches} of {check.checked} logged "
+        f"lrs differ{skipped}",
+        "trainer_state.json was edited, or comes from another run or settings than "
+        "scheduler.pt and training_args.bin; take all three from one checkpoint-N folder")]
 
 
 # --- the entry point -------------------------------------------------------------------------
@@ -682,11 +729,12 @@ def _pairing_findings(sched: SchedulerReport, pairing: layout.Pairing) -> list[F
     return []
 
 
-def inspect_file(file: TorchFile, *, verify: bool = False) -> Checkpoint:
+def inspect_file(file: TorchFile, *, verify: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> Checkpoint:
     """Build the :class:`Checkpoint` view of a file that was read safely.
 
     A state that cannot be made sense of becomes an ``unreadable-state`` finding; the rest of the
-    report stands.
+    report stands. ``progress(done, steps)`` follows long ``verify`` replays.
 
     Raises:
         UnsafeCheckpointError: the pickle calls code-running globals (nothing was run).
@@ -745,8 +793,9 @@ def inspect_file(file: TorchFile, *, verify: bool = False) -> Checkpoint:
     if hf is not None:
         schedulers, findings = _with_hf_schedule(hf, schedulers, findings)
     if verify:
-        schedulers = _verify_all(file, described, paired)
-        findings += [f for s in schedulers for f in _verify_findings(s)]
+        paired = [(s, p) for s, (_, p) in zip(schedulers, paired, strict=True)]
+        schedulers = _verify_all(file, described, paired, hf, progress)
+        findings += [f for s in schedulers for f in _verify_findings(s) + _logged_findings(s)]
     order = {"error": 0, "warning": 1, "info": 2}
     findings.sort(key=lambda f: order.get(f.severity, 3))
     return Checkpoint(file.path, lay.kind, file.size, tuple(optimizers), tuple(schedulers),
@@ -810,16 +859,21 @@ def _with_hf_schedule(hf: HFRun, schedulers: list[SchedulerReport],
     return out, findings
 
 
-def load(path: str | os.PathLike, *, verify: bool = False) -> Checkpoint:
+def load(path: str | os.PathLike, *, verify: bool = False,
+         progress: Callable[[int, int], None] | None = None) -> Checkpoint:
     """Read a checkpoint safely and describe its optimizer and scheduler state.
 
     Args:
-        path: a ``torch.save`` file (zip or legacy) or a Lightning ``.ckpt``.
-        verify: also replay each schedule with real torch (imports torch) and compare.
+        path: a ``torch.save`` file (zip or legacy), a Lightning ``.ckpt``, or a checkpoint
+            folder (HF Trainer, accelerate, DCP).
+        verify: also replay each schedule with real torch (imports torch) and compare; an HF
+            Trainer folder's schedule is rebuilt by transformers (the ``[hf]`` extra) and the
+            logged lrs of its trainer_state.json are compared with the same replay.
+        progress: ``progress(done, steps)`` during long ``verify`` replays.
 
     Example:
         >>> ckpt = load("fixtures/adamw_cosine.pt")                 # doctest: +SKIP
         >>> [g.lr for g in ckpt.optimizers[0].groups]               # doctest: +SKIP
         [0.0007..., 0.0007...]
     """
-    return inspect_file(read_any(path), verify=verify)
+    return inspect_file(read_any(path), verify=verify, progress=progress)

@@ -90,6 +90,10 @@ class PlotSeries:
         new: the new schedule, or None.
         momentum_key: "momentum" or "beta1" when a curve cycles it, else None.
         notes: what the picture does not say by itself.
+        logged: an HF Trainer folder's logged lrs, (step, lr) as trainer_state.json's
+            log_history holds them (the first group's lr).
+        logged_check: a :class:`ckpttool.schedule.LoggedCheck` of them against the stored
+            curve (None when it is not drawn); its ``offset`` places them (:attr:`logged_points`).
     """
 
     path: str
@@ -103,11 +107,21 @@ class PlotSeries:
     new: Curve | None
     momentum_key: str | None = None
     notes: tuple[str, ...] = ()
+    logged: tuple[tuple[int, float], ...] = ()
+    logged_check: Any = None
 
     @property
     def curves(self) -> list[tuple[str, Curve]]:
         """("stored", curve) and ("new", curve), those present."""
         return [(name, c) for name, c in (("stored", self.old), ("new", self.new)) if c]
+
+    @property
+    def logged_points(self) -> list[tuple[int, float]]:
+        """The logged lrs where they belong on the curves' step axis, which counts scheduler
+        steps: the lr logged with step N at N - 1 (the lr step N used, as transformers >= 4.51
+        logs it), or at N when the log follows the older convention (``logged_check``)."""
+        offset = self.logged_check.offset if self.logged_check is not None else -1
+        return [(step + offset, lr) for step, lr in self.logged]
 
     def to_dict(self) -> dict:
         """The ``ckpttool.plot/1`` document."""
@@ -116,7 +130,10 @@ class PlotSeries:
                 "horizon": self.horizon, "caption": self.caption,
                 "momentum_key": self.momentum_key,
                 "old": self.old.to_dict() if self.old else None,
-                "new": self.new.to_dict() if self.new else None, "notes": list(self.notes)}
+                "new": self.new.to_dict() if self.new else None, "notes": list(self.notes),
+                "logged": [[step, lr] for step, lr in self.logged],
+                "logged_check": (self.logged_check.to_dict() if self.logged_check is not None
+                                 else None)}
 
 
 # --- the series ---------------------------------------------------------------------------------
@@ -193,14 +210,28 @@ def plan_series(plan: Any, *, steps: int | None = None,
     return _series(ckpt, opt, old, plan, steps, progress)
 
 
+@dataclass
+class _Built:
+    """A schedule rebuilt at step 0, ready to be traced."""
+
+    label: str  # "stored" or "new"
+    call: str
+    info: SchedulerInfo | None
+    named: Any  # the schedule by name (an hf: SPEC), else None
+    stand_in: Any
+    sched: Any
+    current: int  # its current (stored) or resume (new) step
+
+
 def _series(ckpt: Checkpoint, opt: Any, old: Any, plan: Any, steps: int | None,
             progress: Callable | None) -> PlotSeries:
     from ckpttool import schedule
 
     notes = list(plan.notes) if plan is not None else []
-    built = []  # (label, call, info, optimizer, scheduler, current step)
+    built: list[_Built] = []
     if old is not None:
-        blocker = old.info.replay_blocker
+        named = _named(old.named)
+        blocker = old.info.replay_blocker if named is None else None
         if blocker is not None and plan is None:
             raise ReplayError(f"{ckpt.path}: cannot plot [{old.location}]: {blocker} Pass "
                               "--scheduler my_sched.py:make (a function that takes the optimizer "
@@ -208,40 +239,52 @@ def _series(ckpt: Checkpoint, opt: Any, old: Any, plan: Any, steps: int | None,
         if blocker is not None:
             notes.append(f"the stored schedule is not drawn: {blocker}")
         else:
+            call = named.text if named is not None else old.call
             groups = schedule.materialize(list(opt.state["param_groups"]), ckpt.file)
             state = schedule.materialize(old.state, ckpt.file)
             stand_in, [sched] = _torch_refusal(
-                lambda: schedule.rebuild_stored(opt.cls, groups, [(state, old.info)]), old.call)
-            built.append(("stored", old.call, old.info, stand_in, sched,
-                          replay_steps(state, old.info)))
+                lambda: schedule.rebuild_stored(opt.cls, groups, [(state, old.info)],
+                                                named=[named]), call)
+            built.append(_Built("stored", call, old.info, named, stand_in, sched,
+                                replay_steps(state, old.info)))
     if plan is not None:
         stand_in, sched = plan._rebuild()
         _leave_momentum(plan, stand_in, sched)
-        built.append(("new", plan.new_call, plan.info, stand_in, sched, plan.steps))
+        built.append(_Built("new", plan.new_call, plan.info, _named(plan.factory_text), stand_in,
+                            sched, plan.steps))
 
-    horizons = [_horizon(info, type(sched).__name__, current) for _, _, info, _, sched, current
-                in built]
+    horizons = [_horizon(b.info, type(b.sched).__name__, b.current, _named_end(b.named))
+                for b in built]
     if steps is not None:
         horizon, caption = steps, f"steps 0 to {steps} (--steps)"
     else:
         pick = max(range(len(built)), key=lambda i: horizons[i][0])
         horizon, why, _ = horizons[pick]
-        whose = f" (the {built[pick][0]} schedule)" if len(built) > 1 else ""
+        whose = f" (the {built[pick].label} schedule)" if len(built) > 1 else ""
         caption = f"steps 0 to {horizon}: {why}{whose}"
     if horizon > MAX_HORIZON:
         raise StateError(f"{ckpt.path}: a horizon of {horizon} steps is more than the "
                          f"{MAX_HORIZON:,} ckpttool steps through; pass --steps N")
-    marks = {current for *_, current in built if current <= horizon}
+    marks = {b.current for b in built if b.current <= horizon}
     every = max(1, math.ceil((horizon + 1) / MAX_POINTS))
     kept = sorted(set(range(0, horizon + 1, every)) | {horizon} | marks)
     momentum_key = _momentum_key(opt.state["param_groups"])
-    traced = {}
-    for (label, call, _, stand_in, sched, _), (end, _, ends) in zip(built, horizons):
+    logged = tuple(ckpt.hf.logged) if ckpt.hf is not None else ()
+    traced, check = {}, None
+    for b, (end, _, ends) in zip(built, horizons):
         # A schedule with an end of its own stops there (a cosine past T_max only climbs back);
         # one without runs to the common horizon; --steps asks for every step.
         stop = end if ends and steps is None else horizon
-        traced[label] = _trace(call, stand_in, sched, [k for k in kept if k < stop] + [stop],
-                               momentum_key, progress)
+        # The logged lrs belong to the stored schedule: its values at their steps are kept
+        # aside (not drawn as curve points) to place and check them.
+        record = (schedule.logged_steps(logged, stop) if b.label == "stored" and b.named
+                  else set())
+        curve, momentum, lrs = _trace(b.call, b.stand_in, b.sched,
+                                      [k for k in kept if k < stop] + [stop], momentum_key,
+                                      progress, record)
+        traced[b.label] = (curve, momentum)
+        if record:
+            check = schedule.compare_logged(logged, lrs, curve.steps[-1] if curve.steps else 0)
     if not any(_varies(m) for _, m in traced.values()):
         momentum_key = None  # the second panel is for schedules that cycle it
     curves = {label: Curve(c.call, c.steps, c.lrs, m if momentum_key else None, c.end)
@@ -249,10 +292,45 @@ def _series(ckpt: Checkpoint, opt: Any, old: Any, plan: Any, steps: int | None,
     for label, curve in curves.items():
         if curve.end:
             notes.append(f"the {label} schedule {curve.end}")
-    current = next((cur for label, *_, cur in built if label == "stored"), None)
+    if logged:
+        notes.append(_logged_note(logged, check))
+    current = next((b.current for b in built if b.label == "stored"), None)
     return PlotSeries(ckpt.path, opt.location, old.location if old else None, current,
                       plan.steps if plan is not None else None, horizon, caption,
-                      curves.get("stored"), curves.get("new"), momentum_key, tuple(notes))
+                      curves.get("stored"), curves.get("new"), momentum_key, tuple(notes),
+                      logged, check)
+
+
+def _named(text: str | None) -> Any:
+    """The :class:`ckpttool.spec.HFSpec` of an ``hf:`` SPEC (an HF Trainer's schedule, or a
+    new one given so), else None."""
+    from ckpttool import spec
+
+    return spec.parse_spec(text) if (text or "").startswith("hf:") else None
+
+
+def _named_end(named: Any) -> tuple[int, str] | None:
+    """Where a named (HF) schedule ends: its num_training_steps (HF max_steps); None for the
+    constant ones, which have none."""
+    if named is None or "num_training_steps" not in named.args:
+        return None
+    try:
+        return _int(named.args["num_training_steps"]), f"num_training_steps of hf:{named.name}"
+    except ValueError:
+        return None
+
+
+def _logged_note(logged: tuple, check: Any) -> str:
+    """What the logged points say, for the notes under the picture."""
+    what = (f"{len(logged)} logged lrs of trainer_state.json (points: step N drawn at "
+            f"{'N - 1, the lr step N used' if check is None or check.offset else 'N, the lr after it'})")
+    if check is None:
+        return f"{what}, not compared: the stored schedule is not drawn"
+    if check.agrees:
+        return f"{what}: all {check.checked} equal the replay"
+    step, value, replayed = check.first_mismatch
+    return (f"{what}: {check.mismatches} of {check.checked} DIFFER from the replay, the first "
+            f"at step {step}: logged {value!r}, replayed {replayed!r}")
 
 
 def _leave_momentum(plan: Any, stand_in: Any, sched: Any) -> None:
@@ -288,16 +366,20 @@ def _torch_refusal(build: Callable, call: str) -> Any:
 
 
 def _trace(call: str, optimizer: Any, sched: Any, kept: list[int], momentum_key: str | None,
-           progress: Callable | None) -> tuple[Curve, tuple | None]:
+           progress: Callable | None, record: set[int] | frozenset = frozenset(),
+           ) -> tuple[Curve, tuple | None, dict[int, float]]:
     """Step ``sched`` through every step up to ``kept[-1]``, keeping the group lrs (and
-    momentum or beta1) at the ``kept`` steps; stops where torch raises (OneCycleLR past
-    total_steps)."""
+    momentum or beta1) at the ``kept`` steps, and the lr a training log shows
+    (:func:`ckpttool.schedule.logged_lr`) at the ``record`` steps; stops where torch raises
+    (OneCycleLR past total_steps)."""
     from ckpttool import schedule
 
     steps: list[int] = []
     rows: list[tuple[list[float], list[float] | None]] = []
+    recorded: dict[int, float] = {}
+    keep = set(kept)
     done, end = 0, None
-    for step in kept:
+    for step in sorted(keep | {r for r in record if 0 <= r < kept[-1]}):
         try:
             schedule.replay(sched, step - done)
         except CkptToolError:
@@ -311,13 +393,17 @@ def _trace(call: str, optimizer: Any, sched: Any, kept: list[int], momentum_key:
             end = f"ends at step {steps[-1] if steps else 0}: torch raises on the next ({e})"
             break
         done = step
+        if step in record:
+            recorded[step] = schedule.logged_lr(sched)
+        if step not in keep:
+            continue
         steps.append(step)
         rows.append(_values(optimizer, momentum_key))
         if progress is not None:
             progress(step, kept[-1])
     lrs = tuple(zip(*(r[0] for r in rows))) if rows else ()
     momentum = tuple(zip(*(r[1] for r in rows))) if rows and rows[0][1] is not None else None
-    return Curve(call, tuple(steps), lrs, None, end), momentum
+    return Curve(call, tuple(steps), lrs, None, end), momentum, recorded
 
 
 def _values(optimizer: Any, momentum_key: str | None) -> tuple[list[float], list[float] | None]:
@@ -402,16 +488,21 @@ def _open_span(info: SchedulerInfo) -> tuple[int, str]:
     return OPEN_SPAN, f"{OPEN_SPAN} steps"
 
 
-def _horizon(info: SchedulerInfo | None, cls: str, current: int) -> tuple[int, str, bool]:
+def _horizon(info: SchedulerInfo | None, cls: str, current: int,
+             named_end: tuple[int, str] | None = None) -> tuple[int, str, bool]:
     """The step a curve is drawn to, why, and whether that is the schedule's own end: its
-    natural end (or the current step, when past it); for a schedule that never ends, twice the
-    current step or a few periods."""
+    natural end (``named_end`` for a schedule known by name, else from ``info``; or the current
+    step, when past it); for a schedule that never ends, twice the current step or a few
+    periods."""
+    open_span = (OPEN_SPAN, f"{OPEN_SPAN} steps")
     try:
-        end = _natural_end(info) if info is not None else None
-        span = _open_span(info) if info is not None and end is None else (OPEN_SPAN,
-                                                                           f"{OPEN_SPAN} steps")
+        if named_end is not None:
+            end, span = named_end, open_span
+        else:
+            end = _natural_end(info) if info is not None else None
+            span = _open_span(info) if info is not None and end is None else open_span
     except (ArithmeticError, KeyError, LookupError, TypeError, ValueError):  # odd arguments
-        end, span = None, (OPEN_SPAN, f"{OPEN_SPAN} steps")
+        end, span = None, open_span
     if end is not None:
         if current > end[0]:
             return current, f"the current step (past {end[1]}: step {end[0]})", True
@@ -516,6 +607,12 @@ def draw_png(series: PlotSeries, path: str | os.PathLike) -> str:
                 ax.plot(curve.steps, values, "--" if name == "new" else "-",
                         color=colors[indices[0] % len(colors)], linewidth=1.6,
                         label=label if field == "lrs" else None)
+        if field == "lrs" and series.logged:
+            # hollow, so the curve shows through: a logged lr off the curve stands out
+            xs, ys = zip(*series.logged_points)
+            ax.plot(xs, ys, linestyle="none", marker="o", markersize=6, markerfacecolor="none",
+                    markeredgecolor="black", markeredgewidth=1.2, zorder=3,
+                    label="logged (trainer_state.json)")
         for step, label, style in marks(series):
             ax.axvline(step, color="0.3", linestyle=style, linewidth=1.2,
                        label=label if field == "lrs" else None)

@@ -252,7 +252,19 @@ def _scheduler_lines(s: SchedulerReport, indent: str = "") -> list[str]:
             lines.append(f"{indent}  verify: DIFFERS from a clean replay: {v.first_difference}")
         else:
             lines.append(f"{indent}  verify: not replayable: {v.reason}")
+        if v.logged is not None:
+            lines.append(f"{indent}  " + _logged_line(v.logged))
     return lines
+
+
+def _logged_line(check: Any) -> str:
+    """A schedule.LoggedCheck in a few words (the finding has the details)."""
+    where = "logged lrs (trainer_state.json)"
+    if check.agrees:
+        return f"{where}: all {check.checked} equal the replay"
+    step = check.first_mismatch[0]
+    return (f"{where}: {check.mismatches} of {check.checked} DIFFER from the replay, the first "
+            f"at step {_text(step)}")
 
 
 def _finding_lines(findings: tuple[Finding, ...]) -> list[str]:
@@ -351,6 +363,30 @@ def show_summary_text(rows: list[list[str]], failed: int = 0) -> str:
 # --- reschedule --------------------------------------------------------------------------------
 
 
+def hf_resume_dict(plan: Any) -> dict:
+    """How an HF Trainer resumes the rewritten folder (``reschedule --json``'s ``hf``)."""
+    hf = plan.hf
+    return {"training_args": jsonable(hf.training_args),
+            "training_args_bin": jsonable(hf.stored),
+            "changed": list(hf.changed),
+            "trainer_state": {k: {"old": jsonable(a), "new": jsonable(b)}
+                              for k, (a, b) in hf.trainer_state.items()},
+            "create_scheduler": trainer_subclass(plan) if hf.custom_scheduler else None}
+
+
+def trainer_subclass(plan: Any) -> str:
+    """Python source of a Trainer that builds the new (torch or factory) scheduler itself: the
+    Trainer builds its own from TrainingArguments otherwise, and ``optimizers=(None, s)`` cannot
+    work, since the optimizer the scheduler needs is made inside ``train()``."""
+    return "\n".join([
+        "class Trainer(transformers.Trainer):",
+        "    def create_scheduler(self, num_training_steps, optimizer=None):",
+        "        if self.lr_scheduler is None:",
+        "            optimizer = self.optimizer if optimizer is None else optimizer",
+        f"            self.lr_scheduler = {_python_call(plan.info, plan.factory_text)}",
+        "        return self.lr_scheduler"])
+
+
 def reschedule_dict(plan: Any, saved: Any = None) -> dict:
     """The ``ckpttool.reschedule/1`` document."""
     doc = plan.to_dict()
@@ -413,6 +449,13 @@ def reschedule_text(plan: Any, saved: Any = None) -> str:
     if removed:
         lines.append(f"  removed from the groups: {', '.join(removed)}")
     lines += ["", f"[{plan.scheduler}] {plan.old_call or '(none)'}", f"  -> {plan.new_call}"]
+    if plan.rewritten is not None:
+        edits = ", ".join(f"{k} {_text(a)} -> {_text(b)}"
+                          for k, (a, b) in (plan.hf.trainer_state.items() if plan.hf else ()))
+        files = ", ".join(f"{name} ({edits})" if name == "trainer_state.json" and edits else name
+                          for name in plan.rewritten)
+        lines += ["", f"[{plan.source.kind} folder] rewritten: {files}; every other file "
+                  "copied byte for byte"]
     lines += [f"note: {note}" for note in plan.notes]
     if saved is not None:
         lines.append("")
@@ -423,19 +466,67 @@ def reschedule_text(plan: Any, saved: Any = None) -> str:
     if saved is not None and saved.backup:
         lines.append(f"backup: the original is now {saved.backup}")
     target = saved.path if saved is not None else "OUT"
-    lines += ["", "Resume with the new schedule in this order:",
-              "  import torch",
-              *(["  import transformers"] if (plan.factory_text or "").startswith("hf:") else []),
-              "  from torch.optim import lr_scheduler",
-              f"  ckpt = torch.load({target!r}, weights_only=True)",
-              "  optimizer = ...  # as before",
-              f"  scheduler = {_python_call(plan.info, plan.factory_text)}",
-              f"  optimizer.load_state_dict({_subscript(plan.optimizer_path)})",
-              f"  scheduler.load_state_dict({_subscript(plan.scheduler_path)})"]
+    return "\n".join(lines + _resume_lines(plan, target)) + "\n"
+
+
+def _resume_lines(plan: Any, target: str) -> list[str]:
+    """How the training script resumes from the rewritten checkpoint ``target``, by kind."""
+    if plan.hf is not None:
+        return _hf_resume_lines(plan, target)
+    head = ["", "Resume with the new schedule in this order:"]
+    constructor = f"  scheduler = {_python_call(plan.info, plan.factory_text)}"
+    if plan.source.kind == "accelerate":
+        return head + [
+            "  from torch.optim import lr_scheduler", "  optimizer = ...  # as before",
+            constructor,
+            "  ... = accelerator.prepare(...)  # the same objects in the same order as before",
+            f"  accelerator.load_state({target!r})"]
+    if plan.source.kind == "dcp":
+        return head + [
+            "  import torch.distributed.checkpoint as dcp",
+            "  from torch.optim import lr_scheduler",
+            "  optimizer = ...  # as before", constructor,
+            "  state = ...  # the state dict you saved, built as before",
+            f"  dcp.load(state, checkpoint_id={target!r})",
+            f"  # then the optimizer from state[{plan.optimizer_path[0]!r}], then the scheduler "
+            f"from state[{plan.scheduler_path[0]!r}], as before"]
+    lines = head + [
+        "  import torch",
+        *(["  import transformers"] if (plan.factory_text or "").startswith("hf:") else []),
+        "  from torch.optim import lr_scheduler",
+        f"  ckpt = torch.load({target!r}, weights_only=True)",
+        "  optimizer = ...  # as before", constructor,
+        f"  optimizer.load_state_dict({_subscript(plan.optimizer_path)})",
+        f"  scheduler.load_state_dict({_subscript(plan.scheduler_path)})"]
     if plan.source.kind == "lightning":
         lines.append("(Lightning restores both itself when you resume with ckpt_path=...: "
                      "return this scheduler from configure_optimizers.)")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _hf_resume_lines(plan: Any, target: str) -> list[str]:
+    """What an HF Trainer resuming from the rewritten folder needs: the TrainingArguments that
+    rebuild an hf: schedule, or a Trainer that builds the new scheduler itself."""
+    hf = plan.hf
+    if hf.custom_scheduler:
+        return ["", "Resume with the HF Trainer, handing it the new scheduler (from "
+                "TrainingArguments it would build its own):",
+                "  import transformers", "  from torch.optim import lr_scheduler", "",
+                *("  " + line for line in trainer_subclass(plan).split("\n")), "",
+                f"  Trainer(model=..., args=args, ...).train(resume_from_checkpoint={target!r})",
+                "(max_steps in TrainingArguments still sets how long it trains.)"]
+    rows = []
+    for name, value in hf.training_args.items():
+        was = ("unchanged" if name not in hf.changed else "not in training_args.bin"
+               if name not in hf.stored else f"training_args.bin: {_text(hf.stored[name])}")
+        rows.append([f"{name}={value!r}", f"({was})"])
+    lines = ["", "Resume with the HF Trainer, with these TrainingArguments (the Trainer rebuilds "
+             "its schedule from them):", *_table(rows),
+             f"  trainer.train(resume_from_checkpoint={target!r})"]
+    if hf.changed:
+        lines.append("(training_args.bin is copied as it was: it names the old schedule until "
+                     "the resumed Trainer saves its next checkpoint.)")
+    return lines
 
 
 RESCHEDULE_SUMMARY_HEADER = ["input", "output", "step", "lr", "new schedule", "result"]
@@ -493,12 +584,16 @@ def plot_text(series: Any, width: int = 80) -> str:
     both = len(series.curves) > 1
     panels = [("lr", "lrs")] + ([(series.momentum_key, "momentum")] if series.momentum_key
                                 else [])
-    rows = []  # (panel, label, curve, values)
+    rows = []  # (panel, label, steps, values)
     for panel, field in panels:
         for name, curve in series.curves:
             for indices, values in distinct_curves(getattr(curve, field) or ()):
                 rows.append((panel, (f"{name} " if both else "") + groups_label(indices),
-                             curve, values))
+                             curve.steps, values))
+        if field == "lrs" and series.logged:  # under the curves, on their scale
+            points = sorted(p for p in series.logged_points if 0 <= p[0] <= series.horizon)
+            rows.append((panel, "logged", tuple(x for x, _ in points),
+                         tuple(lr for _, lr in points)))
     ranges = [f"{min(v):.4g} .. {max(v):.4g}" if v else "" for *_, v in rows]
     panel_w = max(len(p) for p, _ in panels)
     label_w = max((len(label) for _, label, *_ in rows), default=0)
@@ -510,10 +605,10 @@ def plot_text(series: Any, width: int = 80) -> str:
                             subsequent_indent="      ") for name, curve in series.curves]
     lines.append("")
     shown = None
-    for (panel, label, curve, values), span in zip(rows, ranges):
+    for (panel, label, steps, values), span in zip(rows, ranges):
         group = [v for p, *_, v in rows if p == panel]
         lo, hi = min(min(v) for v in group if v), max(max(v) for v in group if v)
-        spark = sparkline(curve.steps, values, columns, series.horizon, lo, hi)
+        spark = sparkline(steps, values, columns, series.horizon, lo, hi)
         lines.append(f"  {panel if panel != shown else '':<{panel_w}}  {label:<{label_w}}  "
                      f"{spark}  {span}".rstrip())
         shown = panel

@@ -24,12 +24,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ckpttool import inspection
-from ckpttool.directories import FOLDER_KINDS
-from ckpttool.errors import CkptToolError, InputError, ReplayError, StateError
+from ckpttool import hf_resume, inspection
+from ckpttool.directories import FOLDER_KINDS, read_any
+from ckpttool.errors import CkptToolError, ReplayError, StateError
+from ckpttool.hf_resume import HFResume
 from ckpttool.inspection import Checkpoint, OptimizerInfo, SchedulerReport
 from ckpttool.schedulers import SCHEDULER_SET_KEYS, SchedulerInfo, format_call, replay_steps, same
-from ckpttool.serialization import TensorRef, read_checkpoint
+from ckpttool.serialization import TensorRef
 
 RESCHEDULE_SCHEMA = "ckpttool.reschedule/1"
 PLATEAU = "ReduceLROnPlateau"
@@ -76,11 +77,26 @@ class Rescheduled:
     # lrs (and momentum/betas) per group for the steps after the resume point, from the replay
     expected: list = field(repr=False, default_factory=list)
     _rebuild: Callable | None = field(repr=False, default=None)
+    hf: HFResume | None = None  # an HF Trainer folder: the TrainingArguments to resume with
 
     @property
     def changed(self) -> bool:
         return any(g.changes or g.removed for g in self.groups) or self.old_state is None or (
             not same(self.old_state, self.new_state))
+
+    @property
+    def is_folder(self) -> bool:
+        """The checkpoint is a folder (HF Trainer, accelerate, DCP): saved as a new folder."""
+        return self.source.kind in FOLDER_KINDS
+
+    @property
+    def rewritten(self) -> tuple[str, ...] | None:
+        """The files of an HF Trainer or accelerate folder that the rewrite changes (every other
+        file is copied byte for byte); None for a file or a DCP folder."""
+        if self.source.kind not in ("hf-trainer", "accelerate"):
+            return None
+        return tuple(name for name, member in self.source.file.members.items()
+                     if self.root[name] is not member.root)
 
     def save(self, path: str | os.PathLike, *, force: bool = False,
              verify_steps: int = DEFAULT_VERIFY_STEPS, progress=None,
@@ -101,6 +117,11 @@ class Rescheduled:
         _check_output(self.source, path, force)
         verified = self._write_verified(pending_path(path), verify_steps, progress, staged)
         path = os.path.realpath(path)
+        if self.is_folder:  # an existing folder (--force) is renamed aside, then removed
+            from ckpttool.folder_output import publish
+
+            publish(pending_path(path), path)
+            return SaveResult(path, verified)
         os.replace(pending_path(path), path)
         _fsync_folder_of(path)
         return SaveResult(path, verified)
@@ -110,7 +131,13 @@ class Rescheduled:
         verified."""
         from ckpttool.serialization import write_checkpoint
 
-        if staged is None or staged.finish(self.root) is None:
+        remove = _remove
+        if self.is_folder:
+            from ckpttool.folder_output import remove_tree, write_folder
+
+            write_folder(self.source.file, self.root, pending, progress=progress)
+            remove = remove_tree
+        elif staged is None or staged.finish(self.root, progress=progress) is None:
             write_checkpoint(self.source.file, self.root, pending, progress=progress)
         try:
             verdict = self.verify(pending, verify_steps)
@@ -118,23 +145,31 @@ class Rescheduled:
                 raise StateError(f"the rewritten checkpoint does not resume as replayed "
                                  f"({verdict}); nothing was written")
         except BaseException:
-            _remove(pending)
+            remove(pending)
             raise
         possible = next((i for i, e in enumerate(self.expected) if isinstance(e, tuple)),
                         len(self.expected))
         return min(verify_steps, possible) if self.semantics == "replay" else 0
 
     def save_in_place(self, *, backup: bool = True, force: bool = False,
-                      staged: Any = None) -> SaveResult:
-        """Rewrite the source file itself: the new file is written and verified beside it, then
-        the source becomes ``SOURCE.bak`` (unless ``backup=False``) and the new file takes its
-        name. At every moment one complete copy of the data exists under a known name."""
+                      staged: Any = None, progress=None) -> SaveResult:
+        """Rewrite the source file (or folder) itself: the new one is written and verified
+        beside it, then the source becomes ``SOURCE.bak`` (unless ``backup=False``) and the new
+        one takes its name. At every moment one complete copy of the data exists under a known
+        name."""
         src = os.path.realpath(self.source.path)  # through a symlink: rewrite its target
         bak = src + ".bak"
-        if backup and os.path.exists(bak) and not force:
+        if backup and os.path.lexists(bak) and not force:
             raise StateError(f"{bak} exists; pass --force to replace that backup, or move it")
         pending = pending_path(src)
-        verified = self._write_verified(pending, DEFAULT_VERIFY_STEPS, None, staged)
+        if self.is_folder:
+            from ckpttool.folder_output import aside_path, check_free, publish
+
+            check_free(pending, aside_path(src), aside_path(bak))
+            verified = self._write_verified(pending, DEFAULT_VERIFY_STEPS, progress, None)
+            publish(pending, src, keep=bak if backup else None)
+            return SaveResult(src, verified, bak if backup else None)
+        verified = self._write_verified(pending, DEFAULT_VERIFY_STEPS, progress, staged)
         try:
             if backup:
                 os.replace(src, bak)
@@ -151,10 +186,17 @@ class Rescheduled:
         return SaveResult(src, verified, bak if backup else None)
 
     def verify(self, path: str, steps: int = DEFAULT_VERIFY_STEPS) -> bool | str:
-        """Load ``path`` the documented way and compare the next ``steps`` lrs with the replay."""
+        """Load ``path`` the documented way and compare the next ``steps`` lrs with the replay
+        (and, for an HF Trainer folder, check the trainer_state.json fields rewritten)."""
         from ckpttool import schedule
 
-        return schedule.verify_resume(self, read_checkpoint(path), steps)
+        file = read_any(path)
+        verdict = schedule.verify_resume(self, file, steps)
+        for key, (_, new) in (self.hf.trainer_state.items() if self.hf else ()):
+            got = file.root.get(hf_resume.TRAINER_STATE, {}).get(key)
+            if verdict is True and got != new:
+                verdict = f"{hf_resume.TRAINER_STATE} says {key} {got!r}, not {new!r}"
+        return verdict
 
     def __str__(self) -> str:
         """The report ``ckpttool reschedule --dry-run`` prints: per group old -> new, the
@@ -164,11 +206,13 @@ class Rescheduled:
         return reschedule_text(self)
 
     def to_dict(self) -> dict:
-        from ckpttool.render import jsonable
+        from ckpttool.render import hf_resume_dict, jsonable
 
+        rewritten = self.rewritten
         return {
             "schema": RESCHEDULE_SCHEMA,
             "path": self.source.path,
+            "kind": self.source.kind,
             "optimizer": self.optimizer,
             "scheduler": self.scheduler,
             "semantics": self.semantics,
@@ -181,6 +225,8 @@ class Rescheduled:
                         "removed": list(g.removed)} for g in self.groups],
             "notes": list(self.notes),
             "load_order": LOAD_ORDER,
+            "rewritten": list(rewritten) if rewritten is not None else None,
+            "hf": hf_resume_dict(self) if self.hf is not None else None,
         }
 
 
@@ -205,10 +251,22 @@ def _fsync_folder_of(path: str) -> None:
 
 
 def _check_output(source: Checkpoint, path: str, force: bool) -> None:
-    if os.path.realpath(path) == os.path.realpath(source.path):
+    out, src = os.path.realpath(path), os.path.realpath(source.path)
+    if out == src:
         raise StateError("the output is the input; use --in-place (it keeps a backup)")
+    if source.kind in FOLDER_KINDS:
+        if out.startswith(src + os.sep):
+            raise StateError(f"{path} is inside the input folder {source.path}; write the new "
+                             "folder outside it")
+        if src.startswith(out + os.sep):
+            raise StateError(f"{path} contains the input {source.path}; replacing it would "
+                             "remove the input: choose another -o")
     if os.path.exists(path) and not force:
         raise StateError(f"{path} exists; pass --force to overwrite it, or choose another -o")
+    if source.kind in FOLDER_KINDS:
+        from ckpttool.folder_output import aside_path, check_free
+
+        check_free(pending_path(out), aside_path(out))
 
 
 def start_output(source: Checkpoint, path: str | os.PathLike, *, optimizer: str | None = None,
@@ -226,7 +284,7 @@ def start_output(source: Checkpoint, path: str | os.PathLike, *, optimizer: str 
     if os.path.realpath(path) != os.path.realpath(source.path):  # --in-place passes the source
         _check_output(source, path, force)
     file = source.file
-    if file.kind != "torch-zip" or not file.storage_order:
+    if source.kind in FOLDER_KINDS or file.kind != "torch-zip" or not file.storage_order:
         return None
     opt = _choose_optimizer(source, optimizer)
     sched = _paired_scheduler(source, opt)
@@ -354,9 +412,10 @@ def reschedule(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None,
     from ckpttool import schedule, spec
 
     ckpt = source if isinstance(source, Checkpoint) else inspection.load(source)
-    if ckpt.kind in FOLDER_KINDS:
-        raise InputError(f"{ckpt.path}: rewriting {ckpt.kind} checkpoint folders is not "
-                         "supported yet (`show`, `diff` and `plot` read it); see issue #5")
+    if ckpt.kind == "dcp":  # refused before the replay when its writer is not there
+        from ckpttool.folder_output import dcp_writer
+
+        dcp_writer(ckpt.path)
     opt = _choose_optimizer(ckpt, optimizer)
     old = _paired_scheduler(ckpt, opt)
     file = ckpt.file
@@ -364,12 +423,18 @@ def reschedule(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None,
     old_state = schedule.materialize(old.state, file) if old is not None else None
     notes: list[str] = []
 
-    # The target schedule: a SPEC, a factory, or the stored one; then --set.
+    # The target schedule: a SPEC, a factory, or the stored one (an HF Trainer's LambdaLR: the
+    # hf: schedule its folder names); then --set.
     factory: Callable | None = None
+    hf_spec = None
     if scheduler is None:
         if old is None:
             raise StateError(f"{ckpt.path}: {opt.location} has no scheduler; give the new one "
                              "with --scheduler SPEC")
+        scheduler = named = _stored_hf_spec(ckpt, old)
+        if named is not None:
+            _check_named_schedule(ckpt, opt, old, groups, old_state, named)
+    if scheduler is None:
         target = old.info
     elif callable(scheduler):
         target, factory = None, scheduler
@@ -425,8 +490,9 @@ def reschedule(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None,
     target_cls = target.cls if target is not None else None
     if (target_cls == PLATEAU and old is not None and old.cls == PLATEAU
             and factory is None):
-        return _plateau_in_place(ckpt, opt, old, groups, old_state, target, lr, scale_lr,
-                                 notes)
+        plan = _plateau_in_place(ckpt, opt, old, groups, old_state, target, lr, scale_lr, notes)
+        return replace(plan, hf=hf_resume.plan_resume(ckpt, None, bases)) if (
+            ckpt.kind == "hf-trainer") else plan
 
     device = _replay_device(opt, device, notes)
     groups = [schedule.move_tensors(g, device) for g in groups] if device else groups
@@ -486,6 +552,10 @@ def reschedule(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None,
     root = _set_at(file.root, opt_path + ("param_groups",), new_groups)
     if old is not None:
         sched_path = paths[old.location]
+    elif ckpt.kind in ("hf-trainer", "accelerate"):
+        raise StateError(f"{ckpt.path}: {opt.location} has no scheduler file beside it, and "
+                         "ckpttool adds no file to a framework's folder (the framework would "
+                         "not load it); save a scheduler with the run, then reschedule it")
     else:
         parent = opt_path[:-1]
         container = root
@@ -499,13 +569,68 @@ def reschedule(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None,
                              "another --scheduler-key")
         sched_path = parent + (scheduler_key,)
     root = _set_at(root, sched_path, new_state)
+    hf = None
+    if ckpt.kind == "hf-trainer":
+        hf = hf_resume.plan_resume(ckpt, hf_spec, bases)
+        for key, (_, value) in hf.trainer_state.items():
+            root = _set_at(root, (hf_resume.TRAINER_STATE, key), value)
     new_call = (format_call(target) if target is not None
                 else f"{type(sched).__name__} from {scheduler if isinstance(scheduler, str) else 'a factory'}")
+    old_call = (f"{old.cls} from {old.named}" if old is not None and old.named
+                else old.call if old is not None else None)
     return Rescheduled(ckpt, opt.location, "/".join(str(p) for p in sched_path),
-                       old.call if old else None, new_call, "replay", step, tuple(changes),
+                       old_call, new_call, "replay", step, tuple(changes),
                        old.state if old else None, new_state, tuple(notes), root, target,
                        scheduler if isinstance(scheduler, str) and target is None else None,
-                       opt_path, sched_path, expected, rebuild)
+                       opt_path, sched_path, expected, rebuild, hf)
+
+
+def _check_named_schedule(ckpt: Checkpoint, opt: OptimizerInfo, old: SchedulerReport,
+                          groups: list, old_state: Mapping, named: str) -> None:
+    """Refuse an ``hf:`` schedule named by training_args.bin that did not give the stored lrs:
+    the folder was rescheduled to another schedule (training_args.bin is never rewritten), and
+    replaying the named one would silently change the run.
+
+    The Trainer's schedules are LambdaLRs, whose lr at step N is ``base_lr * lambda(N)`` as torch
+    computes it: one call of the real scheduler, no replay.
+    """
+    from ckpttool import spec
+
+    at = old_state.get("last_epoch")
+    if not isinstance(at, int) or at < 0:
+        return
+    bases = [_base_of(g) for g in groups]
+    stand_in, sched = _rebuilder(opt.cls, [_with_base(g, b, None) for g, b in zip(groups, bases)],
+                                 None, spec.parse_spec(named).build)()
+    if not hasattr(sched, "lr_lambdas"):
+        return
+    sched.last_epoch = at
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        named_lrs = sched.get_lr()
+    stored = [_plain(g.get("lr")) for g in groups]
+    if not same(stored, named_lrs):
+        raise StateError(f"{ckpt.path}: {opt.location}'s lrs {stored!r} at step {at} are not "
+                         f"those of {named} ({named_lrs!r}), the schedule training_args.bin "
+                         "names: was this folder rescheduled? pass its schedule with "
+                         "--scheduler")
+
+
+def _stored_hf_spec(ckpt: Checkpoint, old: SchedulerReport) -> str | None:
+    """The ``hf:`` SPEC an HF Trainer folder names for its own LambdaLR (None for any other
+    scheduler, whose stored class and arguments are the schedule).
+
+    Raises:
+        StateError: the Trainer's LambdaLR, and its folder does not say which schedule it is.
+    """
+    if old.named is not None and old.named.startswith("hf:"):
+        return old.named
+    if hf_resume.is_trainer_lambda(ckpt, old):
+        raise StateError(f"{ckpt.path}: {old.location} is the Trainer's LambdaLR, and "
+                         "training_args.bin / trainer_state.json do not say its schedule; pass "
+                         "it: --scheduler 'hf:linear(num_warmup_steps=W, num_training_steps=N)' "
+                         "(your lr_scheduler_type, warmup steps and max_steps)")
+    return None
 
 
 def _sets_initial_lr(info: SchedulerInfo) -> bool:

@@ -26,9 +26,9 @@ import copy
 import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain, islice, repeat
-from typing import Any
+from typing import Any, Protocol
 
 # torch warns on import when numpy is absent (ckpttool does not need it): not a message for
 # ckpttool's users, whose stderr carries only ckpttool's own lines.
@@ -47,6 +47,7 @@ from ckpttool.schedulers import (
     format_call,
     int_text,
     replay_steps,
+    same,
     value_repr,
 )
 from ckpttool.serialization import TensorRef, TorchFile, load_tensor
@@ -97,7 +98,8 @@ def _until_dynamo(fn: Callable) -> Callable:
 if getattr(sys.modules.get("ckpttool.cli"), "RUNNING", False):
     defer_dynamo()
 
-__all__ = ["VerifyResult", "build_scheduler", "materialize", "rebuild_stored", "replay",
+__all__ = ["LoggedCheck", "NamedSchedule", "VerifyResult", "build_scheduler", "compare_logged",
+           "logged_lr", "logged_steps", "materialize", "rebuild_stored", "replay",
            "standin_optimizer", "verify", "verify_together"]
 
 # A stand-in leaves out the group keys a scheduler constructor sets itself (SCHEDULER_SET_KEYS):
@@ -301,6 +303,28 @@ def build_scheduler(info: SchedulerInfo, optimizer: torch.optim.Optimizer,
     return cls(optimizer, **kwargs)
 
 
+class NamedSchedule(Protocol):
+    """A schedule known by a name rather than by a torch class and its recovered arguments:
+    an HF Trainer's LambdaLR is ``hf:linear(num_warmup_steps=5, num_training_steps=40)``
+    (:class:`ckpttool.spec.HFSpec`), built by its library's own factory."""
+
+    @property
+    def text(self) -> str:
+        """The SPEC, as shown (``hf:linear(...)``)."""
+
+    def build(self, optimizer: Any) -> Any:
+        """The scheduler, constructed on ``optimizer`` with last_epoch=-1."""
+
+
+def _build(info: SchedulerInfo, named: NamedSchedule | None, optimizer: Any) -> Any:
+    """The scheduler ``named`` builds, else the torch class ``info`` describes."""
+    if named is None:
+        return build_scheduler(info, optimizer)
+    with warnings.catch_warnings():  # a library's deprecation notes are not ckpttool's to show
+        warnings.simplefilter("ignore")
+        return named.build(optimizer)
+
+
 def replay(scheduler: Any, steps: int,
            progress: Callable[[int, int], None] | None = None) -> None:
     """Call ``scheduler.step()`` ``steps`` times, as fast as a bare loop.
@@ -353,6 +377,8 @@ class VerifyResult:
         differences: every differing field found (at most 50), first one first.
         steps: the number of steps replayed, when replayed.
         call: the constructor call that was replayed.
+        logged: a training log's lrs compared with the same replay, when a log was given
+            (:func:`verify_together`'s ``logged``).
     """
 
     identical: bool | None
@@ -361,12 +387,100 @@ class VerifyResult:
     differences: tuple[str, ...] = ()
     steps: int | None = None
     call: str | None = None
+    logged: LoggedCheck | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view (``logged`` only when a log was compared)."""
+        out = {"identical": self.identical, "first_difference": self.first_difference,
+               "reason": self.reason, "differences": list(self.differences),
+               "steps": self.steps, "call": self.call}
+        if self.logged is not None:
+            out["logged"] = self.logged.to_dict()
+        return out
+
+
+# How a logged lr relates to the scheduler, by convention: the replay's lr after N + offset
+# steps is the one logged with step N. The HF Trainer reads get_last_lr() just before it steps
+# the scheduler in step N (the lr step N used) since huggingface/transformers#36973 (March
+# 2025, transformers 4.51), and read it after that step before (the lr of step N + 1).
+LOGGED_OFFSETS = {"before-step": -1, "after-step": 0}
+
+
+@dataclass(frozen=True)
+class LoggedCheck:
+    """A training log's learning rates (the HF Trainer's ``log_history``) compared bit for bit
+    with a clean replay of the schedule.
+
+    A log holds, per logged step N, the first group's lr (``get_last_lr()[0]``, a tensor as
+    its ``.item()``, written to JSON as the shortest repr, which reads back exactly). Which
+    replayed step it equals depends on the logger (:data:`LOGGED_OFFSETS`); the convention is
+    the one every compared value agrees with ("before-step" when both do, as on a constant
+    schedule); when none does, the one with fewer mismatches (ties: "before-step"), and its first
+    mismatch is named.
+
+    Attributes:
+        convention: "before-step" (logged lr of step N = replay after N - 1 steps) or
+            "after-step" (= replay after N steps).
+        checked: logged lrs compared: those at steps 1 to the replayed position.
+        mismatches: how many of them differ under ``convention``.
+        first_mismatch: (step, logged lr, replayed lr) of the first that differs, else None.
+        beyond: logged steps not compared, past the replayed position (or below 1).
+    """
+
+    convention: str
+    checked: int
+    mismatches: int = 0
+    first_mismatch: tuple[int, float, float] | None = None
+    beyond: int = 0
+
+    @property
+    def agrees(self) -> bool:
+        """Every compared lr equals the replay."""
+        return self.mismatches == 0
+
+    @property
+    def offset(self) -> int:
+        """The replay step a logged step N shows: N + offset."""
+        return LOGGED_OFFSETS[self.convention]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready view."""
-        return {"identical": self.identical, "first_difference": self.first_difference,
-                "reason": self.reason, "differences": list(self.differences),
-                "steps": self.steps, "call": self.call}
+        first = self.first_mismatch
+        return {"convention": self.convention, "offset": self.offset, "checked": self.checked,
+                "agrees": self.agrees, "mismatches": self.mismatches,
+                "first_mismatch": None if first is None else {
+                    "step": first[0], "logged": first[1], "replayed": first[2]},
+                "beyond": self.beyond}
+
+
+def logged_steps(logged: Sequence[tuple[int, float]], position: int) -> set[int]:
+    """The replay steps whose lr :func:`compare_logged` needs for a log compared up to
+    ``position``: N - 1 and N for every logged step N in 1..position."""
+    return {n + off for n, _ in logged if 1 <= n <= position for off in LOGGED_OFFSETS.values()}
+
+
+def compare_logged(logged: Sequence[tuple[int, float]], replayed: Mapping[int, float],
+                   position: int) -> LoggedCheck:
+    """Compare logged (step, lr) pairs with the replay's first-group lr after each step count
+    (``replayed``: every step of :func:`logged_steps`; a logged step whose values are missing
+    counts as not compared), for the steps 1 to ``position``; see :class:`LoggedCheck` for the
+    conventions.
+
+    Example:
+        >>> compare_logged([(1, 0.1), (2, 0.05)], {0: 0.1, 1: 0.05, 2: 0.025}, 2)
+        LoggedCheck(convention='before-step', checked=2, mismatches=0, first_mismatch=None, beyond=0)
+        >>> compare_logged([(1, 0.1), (2, 0.07)], {0: 0.1, 1: 0.05, 2: 0.025}, 2).first_mismatch
+        (2, 0.07, 0.05)
+    """
+    compared = [(n, lr) for n, lr in logged if 1 <= n <= position
+                and all(n + off in replayed for off in LOGGED_OFFSETS.values())]
+    verdicts = []
+    for convention, offset in LOGGED_OFFSETS.items():
+        wrong = [(n, lr, replayed[n + offset]) for n, lr in compared
+                 if not same(lr, replayed[n + offset])]
+        verdicts.append(LoggedCheck(convention, len(compared), len(wrong),
+                                    wrong[0] if wrong else None, len(logged) - len(compared)))
+    return min(verdicts, key=lambda check: check.mismatches)  # ties: the first, before-step
 
 
 def _tensors_equal(a: Any, b: Any) -> bool:
@@ -460,7 +574,10 @@ def verify(opt_class: str, groups: list[Mapping[str, Any]], sched_state: Mapping
 
 
 def verify_together(opt_class: str, groups: list[Mapping[str, Any]],
-                    schedulers: Sequence[tuple[Mapping[str, Any], SchedulerInfo]]
+                    schedulers: Sequence[tuple[Mapping[str, Any], SchedulerInfo]], *,
+                    named: Sequence[NamedSchedule | None] | None = None,
+                    logged: Sequence[tuple[int, float]] = (),
+                    progress: Callable[[int, int], None] | None = None
                     ) -> tuple[VerifyResult, ...]:
     """:func:`verify` for schedulers that step one optimizer in turn (torch's chaining).
 
@@ -468,6 +585,16 @@ def verify_together(opt_class: str, groups: list[Mapping[str, Any]],
     rescaling the lr the one before left. They are rebuilt on one stand-in optimizer in the
     order given (the file's), stepped in turn that order, and each state is compared with its
     own; the param groups, which the last one wrote, are compared in the last one's result.
+
+    Args:
+        opt_class, groups: as for :func:`verify`.
+        schedulers: (stored state, ``identify_scheduler`` of it) per scheduler, in file order.
+        named: per scheduler, the schedule by name (an ``hf:`` SPEC) that rebuilds it instead of
+            its recovered class, or None; the whole argument None: none is named.
+        logged: a training log's (step, first-group lr) pairs (an HF Trainer's log_history),
+            compared with the same replay (:func:`compare_logged`); the result is the last
+            scheduler's ``logged``.
+        progress: ``progress(done, steps)`` every 32768 steps of the replay and at its end.
 
     Returns:
         one VerifyResult per scheduler, in order. When any of them cannot be replayed (or their
@@ -486,14 +613,16 @@ def verify_together(opt_class: str, groups: list[Mapping[str, Any]],
         ...     (st, identify_scheduler(st, groups)) for st in states])]
         [True, True]
     """
-    calls = [format_call(info) for _, info in schedulers]
+    named = list(named) if named is not None else [None] * len(schedulers)
+    calls = [n.text if n is not None else format_call(info)
+             for (_, info), n in zip(schedulers, named, strict=True)]
     together = " stepped in turn with ".join(calls)
 
     def unavailable(reason: str) -> tuple[VerifyResult, ...]:
         return tuple(VerifyResult(None, reason=reason, call=call) for call in calls)
 
-    for (_, info), call in zip(schedulers, calls):
-        blocker = info.replay_blocker
+    for (_, info), call, name in zip(schedulers, calls, named):
+        blocker = info.replay_blocker if name is None else None
         if blocker is not None:
             return unavailable(blocker if len(schedulers) == 1 else
                                f"{call}, stepped in turn on the same optimizer: {blocker}")
@@ -511,8 +640,9 @@ def verify_together(opt_class: str, groups: list[Mapping[str, Any]],
             return unavailable(
                 f"last_epoch {int_text(steps)} is more than the {MAX_VERIFY_STEPS:,} steps "
                 "ckpttool replays (a damaged counter?)")
-        optimizer, built = rebuild_stored(opt_class, groups, schedulers)
-        _replay_in_turn(built, steps)
+        optimizer, built = rebuild_stored(opt_class, groups, schedulers, named=named)
+        lrs = _replay_in_turn(built, steps, record=logged_steps(logged, steps),
+                              progress=progress)
     except CkptToolError as e:
         return unavailable(str(e))
     except (ArithmeticError, LookupError, RuntimeError, TypeError, ValueError) as e:
@@ -532,14 +662,19 @@ def verify_together(opt_class: str, groups: list[Mapping[str, Any]],
         lines = tuple(islice(found, _MAX_DIFFERENCES))
         results.append(VerifyResult(not lines, lines[0] if lines else None, None, lines, steps,
                                     call))
+    if logged:
+        results[-1] = replace(results[-1], logged=compare_logged(logged, lrs, steps))
     return tuple(results)
 
 
 def rebuild_stored(opt_class: str, groups: list[Mapping[str, Any]],
-                   schedulers: Sequence[tuple[Mapping[str, Any], SchedulerInfo]]
+                   schedulers: Sequence[tuple[Mapping[str, Any], SchedulerInfo]], *,
+                   named: Sequence[NamedSchedule | None] | None = None,
                    ) -> tuple[torch.optim.Optimizer, list[Any]]:
-    """The stored schedulers rebuilt at step 0 from their recovered arguments, on one stand-in
-    optimizer, in the order given: what :func:`verify_together` replays and ``plot`` draws.
+    """The stored schedulers rebuilt at step 0 from their recovered arguments (or, where
+    ``named`` gives one, from the schedule's name: an ``hf:`` SPEC through transformers), on
+    one stand-in optimizer, in the order given: what :func:`verify_together` replays and
+    ``plot`` draws.
 
     The base lrs are the groups' initial_lr, or what the first scheduler saw when a later
     OneCycleLR overwrote initial_lr, or its base_lrs when a group lost initial_lr.
@@ -571,21 +706,54 @@ def rebuild_stored(opt_class: str, groups: list[Mapping[str, Any]],
     else:
         groups_at_start = list(groups)
     optimizer = standin_optimizer(opt_class, groups_at_start)
-    return optimizer, [build_scheduler(info, optimizer) for _, info in schedulers]
+    named = named if named is not None else [None] * len(schedulers)
+    return optimizer, [_build(info, name, optimizer)
+                       for (_, info), name in zip(schedulers, named, strict=True)]
 
 
-def _replay_in_turn(schedulers: list[Any], steps: int) -> None:
-    """Step each scheduler once per step, in order, ``steps`` times (none is a
-    ReduceLROnPlateau: verify_together refuses those first)."""
-    if len(schedulers) == 1:
-        replay(schedulers[0], steps)
-        return
+def _replay_in_turn(schedulers: list[Any], steps: int, *, record: set[int] | frozenset = frozenset(),
+                    progress: Callable[[int, int], None] | None = None) -> dict[int, float]:
+    """Step each scheduler once per step, in order, ``steps`` times, as fast as a bare loop.
+
+    Returns the first group's lr (the last scheduler's ``get_last_lr()[0]``, a tensor as its
+    ``.item()``: what the HF Trainer logs) after each step count in ``record`` (0: as built).
+    ``progress(done, steps)`` follows every 32768 steps and the end.
+
+    Raises:
+        ReplayError: a ReduceLROnPlateau (its steps need metrics).
+    """
+    if any(isinstance(s, torch_schedulers.ReduceLROnPlateau) for s in schedulers):
+        raise ReplayError("ReduceLROnPlateau cannot be replayed: its steps follow metric values "
+                          "that are not stored")
     calls = [s.step for s in schedulers]
+    one = calls[0] if len(calls) == 1 else None
+    lrs: dict[int, float] = {}
+    done = 0
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_STEP_ORDER_WARNING, category=UserWarning)
-        for _ in repeat(None, steps):
-            for step in calls:
-                step()
+        for stop in sorted({n for n in record if 0 <= n < steps} | {steps}):
+            while done < stop:
+                n = min(_PROGRESS_EVERY - done % _PROGRESS_EVERY, stop - done)
+                if one is not None:
+                    for _ in repeat(None, n):
+                        one()
+                else:
+                    for _ in repeat(None, n):
+                        for step in calls:
+                            step()
+                done += n
+                if progress is not None and (done % _PROGRESS_EVERY == 0 or done == steps):
+                    progress(done, steps)
+            if stop in record:
+                lrs[stop] = logged_lr(schedulers[-1])
+    return lrs
+
+
+def logged_lr(scheduler: Any) -> float:
+    """The lr a training log shows for ``scheduler`` now: ``get_last_lr()[0]``, a tensor as its
+    ``.item()`` (what the HF Trainer logs)."""
+    lr = scheduler.get_last_lr()[0]
+    return lr.item() if isinstance(lr, torch.Tensor) else lr
 
 
 # --- resuming from a rewritten checkpoint -------------------------------------------------------

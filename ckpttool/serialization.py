@@ -637,7 +637,6 @@ EXPANDED_VALUES_LIMIT = 2_000_000
 # Elements the calls of one pickle may copy (see _CopyBudget), beyond one per byte left in it.
 _COPY_ALLOWANCE = 1_000_000
 _SIZED = (str, bytes, bytearray, list, tuple, dict, set, frozenset)
-_EXTENSION_OPCODES = frozenset({"EXT1", "EXT2", "EXT4"})
 
 
 class _Refused(pickle.UnpicklingError):
@@ -774,6 +773,210 @@ def _check_attributes(value: dict) -> None:
                            "its class's own: the file is damaged or hostile")
 
 
+# Nesting a pickle may build, counted as it builds it: deeper than any tree walk() accepts
+# (MAX_DEPTH: a value nested deeper is refused there anyway), and far below what recursion in C
+# survives: hashing a tuple key nested a million deep overflows the C stack, a crash.
+MAX_PICKLE_DEPTH = 1000
+# Bytes of a pickle read ahead at a time by the pre-scan, from a file (a legacy checkpoint).
+_SCAN_CHUNK = 1 << 20
+
+# What each opcode does to the stack, for the pre-scan (pickletools' stack effects, by kind).
+(_LEAF, _EMPTY, _MARK, _STOP, _COLLECT, _EXTEND, _POP_MARK, _MAKE1, _MAKE2, _MAKE3, _ADD1,
+ _ADD2, _PUT, _MEMOIZE, _GET, _POP, _DUP, _NAME, _KEEP, _NONE, _FRAME, _EXT) = range(22)
+
+
+def _scan_table() -> dict[int, tuple[int, int, int]]:
+    """opcode byte -> (argument length code, lines, stack effect) for :func:`_prescan`.
+
+    Length codes as pickletools': >= 0 fixed, -1 up to a newline (``lines`` of them: two for
+    GLOBAL and INST), -2 / -3 / -4 / -5 counted by a 1-byte, signed 4-byte, unsigned 4-byte,
+    8-byte length.
+    """
+    import pickletools
+
+    effects = {
+        "EMPTY_TUPLE": _EMPTY, "EMPTY_LIST": _EMPTY, "EMPTY_DICT": _EMPTY, "EMPTY_SET": _EMPTY,
+        "MARK": _MARK, "STOP": _STOP, "POP": _POP, "POP_MARK": _POP_MARK, "DUP": _DUP,
+        "TUPLE": _COLLECT, "LIST": _COLLECT, "DICT": _COLLECT, "FROZENSET": _COLLECT,
+        "INST": _COLLECT, "OBJ": _COLLECT,
+        "APPENDS": _EXTEND, "SETITEMS": _EXTEND, "ADDITEMS": _EXTEND,
+        "TUPLE1": _MAKE1, "TUPLE2": _MAKE2, "TUPLE3": _MAKE3, "REDUCE": _MAKE2,
+        "NEWOBJ": _MAKE2, "NEWOBJ_EX": _MAKE3, "STACK_GLOBAL": _NAME,
+        "APPEND": _ADD1, "BUILD": _ADD1, "SETITEM": _ADD2,
+        "PUT": _PUT, "BINPUT": _PUT, "LONG_BINPUT": _PUT, "MEMOIZE": _MEMOIZE,
+        "GET": _GET, "BINGET": _GET, "LONG_BINGET": _GET,
+        "BINPERSID": _KEEP, "READONLY_BUFFER": _KEEP, "PROTO": _NONE, "FRAME": _FRAME,
+        "EXT1": _EXT, "EXT2": _EXT, "EXT4": _EXT,
+    }
+    table = {}
+    for op in pickletools.opcodes:
+        n = op.arg.n if op.arg is not None else 0
+        lines = 2 if op.arg is not None and op.arg.name == "stringnl_noescape_pair" else 1
+        table[op.code.encode("latin-1")[0]] = (n, lines, effects.get(op.name, _LEAF))
+    return table
+
+
+_SCAN = _scan_table()
+# Per opcode byte: the bytes to skip for an opcode that only pushes a plain value and has a
+# fixed-size argument (the pre-scan's fast path), else 0.
+_SCAN_SKIP = [1 + _SCAN[c][0] if c in _SCAN and _SCAN[c][2] == _LEAF and _SCAN[c][0] >= 0
+              else 0 for c in range(256)]
+_COUNT_WIDTH = {-2: 1, -3: 4, -4: 4, -5: 8}
+
+
+def _prescan(f: BinaryIO, start: int, end: int) -> None:
+    """Read the pickle at ``f[start:end]`` opcode by opcode, up to its STOP, and refuse what the
+    C unpickler would turn into unbounded memory or a crash before any check of the tree
+    can run: a memo index far past the pickle's own size (the memo array grows to twice the
+    largest index, zeroed: 12 bytes of pickle, gigabytes of memory), a value declared longer
+    than the bytes left, nesting deeper than MAX_PICKLE_DEPTH (each stack value's depth is
+    simulated), and, with extension codes registered in this process, EXT opcodes (they would
+    fetch a global without find_class). Anything else is left to the unpickler, which raises.
+
+    Raises:
+        _Refused: the pickle is damaged or hostile (one line).
+        pickle.UnpicklingError: it is truncated.
+    """
+    total = end - start
+    if isinstance(f, io.BytesIO):  # the whole pickle is in memory (getvalue does not copy)
+        buf: Any = f.getvalue()
+        pos, origin, more = start, start, None
+    else:  # a legacy file: read ahead in chunks, up to the STOP
+        buf, pos, origin = bytearray(), 0, 0
+
+        def more(upto: int) -> None:
+            while len(buf) < min(upto, total):
+                f.seek(start + len(buf))
+                chunk = f.read(min(max(_SCAN_CHUNK, upto - len(buf)), total - len(buf)))
+                if not chunk:
+                    return
+                buf.extend(chunk)
+
+        more(_SCAN_CHUNK)
+    table, skips, limit, find = _SCAN, _SCAN_SKIP, MAX_PICKLE_DEPTH, buf.find
+    extensions = bool(copyreg._inverted_registry  # type: ignore[attr-defined]
+                      or copyreg._extension_cache)  # type: ignore[attr-defined]
+    stack: list[int] = []  # the depth of each value on the unpickler's stack
+    push, pop = stack.append, stack.pop
+    marks: list[int] = []
+    memo: dict[int, int] = {}
+    have = len(buf)
+    while True:
+        if pos + 9 > have:
+            if more is not None:
+                more(pos + 9)
+                have = len(buf)
+            if pos >= have:
+                return  # truncated: the unpickler says so
+        code = buf[pos]
+        skip = skips[code]
+        if skip:
+            pos += skip
+            push(0)
+            continue
+        entry = table.get(code)
+        if entry is None:
+            return  # not an opcode: the unpickler says so
+        n, lines, effect = entry
+        at = pos + 1
+        if n >= 0:
+            pos = at + n
+            arg = int.from_bytes(buf[at:pos], "little") if n else 0
+        elif n == -1:  # up to a newline, or two
+            pos = at
+            for _ in range(lines):
+                nl = find(b"\n", pos)
+                while nl < 0 and more is not None and have < total:
+                    more(have + _SCAN_CHUNK)
+                    have = len(buf)
+                    nl = find(b"\n", pos)
+                if nl < 0:
+                    return
+                line, pos = buf[at:nl], nl + 1
+            arg = 0
+            if effect == _PUT or effect == _GET:
+                try:
+                    arg = int(line)
+                except ValueError:
+                    return
+        else:  # counted: the count must fit in what is left
+            width = _COUNT_WIDTH[n]
+            if more is not None:
+                more(at + width + 9)
+                have = len(buf)
+            size = int.from_bytes(buf[at:at + width], "little", signed=n == -3)
+            left = total - (at + width - origin)
+            if size > left:  # (the unpickler would allocate it first)
+                raise pickle.UnpicklingError(f"pickle data was truncated: a {size:,}-byte "
+                                             f"value where {max(left, 0):,} bytes are left")
+            pos = at + width + max(size, 0)
+            arg = 0
+        if effect == _LEAF:
+            push(0)
+            continue
+        if effect == _PUT:
+            if arg > pos - origin:
+                raise _Refused(f"the pickle stores a value at memo index {arg:,}, which a "
+                               f"{total:,}-byte pickle never reaches: the file is damaged or "
+                               "hostile")
+            memo[arg] = stack[-1] if stack else 0
+            continue
+        if effect == _GET:
+            push(memo.get(arg, 0))
+            continue
+        if effect == _MEMOIZE:
+            memo[len(memo)] = stack[-1] if stack else 0
+            continue
+        if effect == _MARK:
+            marks.append(len(stack))
+            continue
+        if effect == _EMPTY:
+            push(1)
+            continue
+        if effect == _STOP:
+            return
+        if effect == _COLLECT or effect == _EXTEND or effect == _POP_MARK:
+            base = marks.pop() if marks else 0
+            items = stack[base:]
+            del stack[base:]
+            depth = 1 + max(items) if items else 1
+            if effect == _COLLECT:
+                push(depth)
+            elif effect == _EXTEND and stack and depth > stack[-1]:
+                stack[-1] = depth
+        elif _MAKE1 <= effect <= _MAKE3 or effect == _ADD1 or effect == _ADD2:
+            k = effect - _MAKE1 + 1 if effect <= _MAKE3 else 1 if effect == _ADD1 else 2
+            depth = 1 + max(stack[-k:], default=0)
+            del stack[-k:]
+            if effect <= _MAKE3:
+                push(depth)
+            elif stack and depth > stack[-1]:
+                stack[-1] = depth
+        elif effect == _POP:
+            if marks and marks[-1] == len(stack):
+                marks.pop()
+            elif stack:
+                pop()
+        elif effect == _DUP:
+            push(stack[-1] if stack else 0)
+        elif effect == _NAME:
+            del stack[-2:]
+            push(0)
+        elif effect == _FRAME:
+            if arg > total - (pos - origin):
+                raise pickle.UnpicklingError(f"pickle data was truncated: a {arg:,}-byte "
+                                             f"frame where {total - (pos - origin):,} bytes "
+                                             "are left")
+        elif effect == _EXT:
+            if extensions:
+                raise _Refused("the pickle uses extension codes (EXT1/2/4), which torch.save "
+                               "never writes: the file is damaged or hostile")
+            push(0)
+        if stack and stack[-1] > limit:
+            raise _Refused(f"the pickle nests values more than {limit} levels deep: the file "
+                           "is damaged or hostile")
+
+
 class SafeUnpickler(pickle.Unpickler):
     """An unpickler that imports nothing: see the module docstring.
 
@@ -794,17 +997,8 @@ class SafeUnpickler(pickle.Unpickler):
         f = self._file
         start = f.tell()
         end = f.seek(0, io.SEEK_END)
+        _prescan(f, start, end)
         f.seek(start)
-        if copyreg._inverted_registry or copyreg._extension_cache:  # type: ignore[attr-defined]
-            # Someone in this process registered pickle extension codes: an EXT opcode would
-            # then fetch a global without find_class. (With none registered, the unpickler
-            # itself refuses EXT.) torch never writes them; look before unpickling.
-            import pickletools
-
-            if any(op.name in _EXTENSION_OPCODES for op, _, _ in pickletools.genops(f)):
-                raise _Refused("the pickle uses extension codes (EXT1/2/4), which torch.save "
-                               "never writes: the file is damaged or hostile")
-            f.seek(start)
         _copies.left = _COPY_ALLOWANCE + end - start
         try:
             value = super().load()
@@ -1011,7 +1205,8 @@ def _unpickled(path: str, unpickler: SafeUnpickler, what: str = "checkpoint's pi
 def _read_zip(path: str, size: int) -> TorchFile:
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error,
+            NotImplementedError) as e:
         raise InputError(f"{path}: damaged zip archive: the file is truncated or corrupted "
                          f"({e}); re-copy or re-save it") from None
     with zf:
@@ -1159,7 +1354,8 @@ def read_checkpoint_range(path: str | os.PathLike, offset: int, length: int) -> 
         window = _FileWindow(f, offset, length)
         try:
             zf = zipfile.ZipFile(window)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as e:
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error,
+                NotImplementedError) as e:
             raise InputError(f"{where}: not an intact torch zip ({e})") from None
         with zf:
             infos = zf.infolist()
@@ -1245,6 +1441,8 @@ def _read_legacy(path: str, size: int) -> TorchFile:
                 nbytes = max(count, 0) * itemsize
                 spans[str(key)] = (offset + 8, nbytes)
                 offset += 8 + nbytes
+                if offset > size:  # damaged: reading this storage says so, the rest are lost
+                    break
                 f.seek(offset)
     return TorchFile(path, "torch-legacy", root, seen, size,
                       "little" if little else "big", None, spans)
@@ -1803,6 +2001,45 @@ def _pickle_tree(root: Any, storages: _Storages) -> bytes:
 
 # --- copying bytes ---------------------------------------------------------------------------
 
+# A copy's progress is reported at most once per this many bytes (and when it completes): the
+# writer's block (_DIRECT_BLOCK), so a 4 GB copy reports about 128 times.
+PROGRESS_BYTES = 32 << 20
+# How often StagedWrite.finish looks at the staged copy it waits for, to report its progress.
+_PROGRESS_POLL_S = 0.1
+
+
+class CopyProgress:
+    """Bytes copied of a known total, over one file or many (a folder's files, DCP shards),
+    reported as ``progress(done, total)`` at most once per :data:`PROGRESS_BYTES` and when
+    ``done`` reaches ``total``.
+
+    Its :meth:`add` is the ``report(n)`` hook of :func:`copy_file` (and of the writer's copies),
+    so one object follows many copies. Feed it from one thread at a time; ``progress`` runs in
+    that thread. ``total`` may be corrected on the way (an estimate made exact); keep it above
+    ``done`` until the work is complete.
+
+    Example:
+        >>> seen = []
+        >>> shards = CopyProgress(100 << 20, lambda done, total: seen.append(done >> 20))
+        >>> for _ in range(10):          # e.g. copy_file(src, dst, report=shards.add)
+        ...     shards.add(10 << 20)
+        >>> seen
+        [40, 80, 100]
+    """
+
+    def __init__(self, total: int, progress: Any = None, *, every: int | None = None):
+        self.total, self.done = total, 0
+        self._progress, self._reported = progress, 0
+        self._every = PROGRESS_BYTES if every is None else every
+
+    def add(self, n: int) -> None:
+        """``n`` more bytes were copied."""
+        self.done += n
+        if self._progress is not None and (self.done - self._reported >= self._every
+                                           or self.done >= self.total):
+            self._reported = self.done
+            self._progress(self.done, self.total)
+
 
 class _Copier:
     """Copies byte ranges between files in the kernel: copy_file_range, else sendfile, else a
@@ -2084,7 +2321,8 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike, *,
     """Copy the file ``src`` to the new file ``dst``, byte for byte, and fsync it (the caller
     fsyncs the folder). Never a link: the copy shares nothing with ``src``. The bytes go the
     writer's way (:class:`_Appender`: direct I/O where the filesystem takes it, else kernel
-    copies); ``report(n)`` follows each chunk. Returns the bytes copied.
+    copies); ``report(n)`` follows each chunk: a :class:`CopyProgress`'s ``add`` follows many
+    copies as one, at most once per 32 MB. Returns the bytes copied.
 
     Raises:
         FileExistsError: ``dst`` exists (nothing is overwritten).
@@ -2150,7 +2388,8 @@ def write_checkpoint(file: TorchFile, root: Any, out_path: str | os.PathLike, *,
     is laid out as torch.save lays it out (record order, 64-byte alignment, zip64 where
     needed), under the input's folder name; a legacy file stays legacy. The output appears
     atomically (:func:`atomic_output`); ``file.path`` is only read.
-    ``progress(done_bytes, total_bytes)`` follows the writing.
+    ``progress(done_bytes, total_bytes)`` follows the writing, at most once per
+    :data:`PROGRESS_BYTES` (:class:`CopyProgress`).
 
     Raises:
         InputError: ``file`` is damaged where bytes must be copied from it.
@@ -2182,14 +2421,7 @@ def write_checkpoint(file: TorchFile, root: Any, out_path: str | os.PathLike, *,
     pieces = (_legacy_pieces(file, storages, data_pkl) if legacy
               else _zip_pieces(file, storages, data_pkl))
     total = sum(_piece_size(p) for p in pieces)
-    done = 0
-
-    def report(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(done, total)
-
+    report = CopyProgress(total, progress).add
     try:
         with open(file.path, "rb") as src, atomic_output(out_path) as out, \
                 _Appender(src.fileno(), out.fileno(), report) as appender:
@@ -2312,7 +2544,7 @@ def _zip_records(file: TorchFile, storages: _Storages, data_pkl: bytes, *,
             tensors.append(small(f"data/{key}", _new_bytes(source, file.byteorder)))
             continue
         info = infos.get(f"{prefix}data/{source}")
-        offset, size = file.storage_spans[source]
+        offset, size = file.storage_spans.get(source, (-1, -1))  # (no record: damaged)
         # (the reader refuses compressed records: their bytes cannot be copied as they are)
         if (info is None or info.compress_type != zipfile.ZIP_STORED or offset < 0
                 or size != info.file_size or offset + size > file.size):
@@ -2384,7 +2616,8 @@ class StagedWrite:
 
     Example:
         >>> staged = StagedWrite(ckpt, "out.pt", list(ckpt.storage_order))   # doctest: +SKIP
-        >>> written = staged.finish(new_root) or write_checkpoint(ckpt, new_root, "out.pt")
+        >>> written = (staged.finish(new_root, progress=bar)         # doctest: +SKIP
+        ...            or write_checkpoint(ckpt, new_root, "out.pt", progress=bar))
     """
 
     def __init__(self, file: TorchFile, out_path: str | os.PathLike, keep: list[str]):
@@ -2402,6 +2635,7 @@ class StagedWrite:
         self._staged: list[tuple[str, int, int]] = []
         self._error: BaseException | None = None
         self._cancelled = threading.Event()
+        self._report: Any = None  # the caller's CopyProgress.add, once finish() writes
         self._thread = threading.Thread(target=self._copy, name="ckpttool-staged-copy",
                                         daemon=True)
         self._thread.start()
@@ -2411,10 +2645,12 @@ class StagedWrite:
             with zipfile.ZipFile(self.file.path) as zf:
                 infos = {info.filename: info for info in zf.infolist()}
             prefix = self.file.zip_prefix or ""
-            big = sum(self.file.storage_spans[k][1] for k in self.keep) >= _PHASE_MIN_BYTES
+            # (a key the pickle names without a record: reported below, as damage)
+            big = sum(self.file.storage_spans.get(k, (0, 0))[1]
+                      for k in self.keep) >= _PHASE_MIN_BYTES
             for i, key in enumerate(self.keep):
                 info = infos.get(f"{prefix}data/{key}")
-                offset, size = self.file.storage_spans[key]
+                offset, size = self.file.storage_spans.get(key, (-1, -1))
                 if (info is None or info.compress_type != zipfile.ZIP_STORED or offset < 0
                         or size != info.file_size or offset + size > self.file.size):
                     raise InputError(f"{self.file.path}: the record of tensor storage {key!r} "
@@ -2431,13 +2667,32 @@ class StagedWrite:
             self._error = e
 
     def _stop_when_aborted(self, n: int) -> None:
-        """After each chunk: stop the copy when :meth:`abort` asks."""
+        """After each chunk: stop the copy when :meth:`abort` asks; once :meth:`finish` writes
+        in the caller's thread, report the chunk to its progress."""
         if self._cancelled.is_set():
             raise _Aborted()
+        if self._report is not None:
+            self._report(n)
 
-    def finish(self, root: Any) -> WrittenCheckpoint | None:
+    def finish(self, root: Any, *, progress: Any = None) -> WrittenCheckpoint | None:
         """Complete the file with the new tree ``root``; None when it cannot be completed in
-        stages (then the staged copy is already discarded)."""
+        stages (then the staged copy is already discarded).
+
+        ``progress(done_bytes, total_bytes)`` follows the output from here on, at most once per
+        :data:`PROGRESS_BYTES`: the staged copy while it is still running (polled, so the
+        callback runs in the caller's thread only; ``total`` is the input's size until the
+        output's is known), then the rest.
+        """
+        copied = CopyProgress(self.file.size, progress)
+        try:
+            while progress is not None and self._thread.is_alive():
+                self._thread.join(_PROGRESS_POLL_S)
+                # done stays under total until the last byte: a bar ends with the output
+                copied.total = max(copied.total, self._out.length + 1)
+                copied.add(self._out.length - copied.done)
+        except BaseException:  # Ctrl-C while waiting, or the callback failing
+            self.abort()
+            raise
         self._thread.join()
         if self._error is not None:
             self.abort()
@@ -2464,8 +2719,14 @@ class StagedWrite:
                 return None
             pieces, end = _lay_out(records[len(self._staged):], self.folder, self._out.length,
                                    {}, self._central)
-            for piece in pieces + [_zip_end(self._central, end)]:
+            pieces.append(_zip_end(self._central, end))
+            if progress is not None:
+                copied.total = self._out.length + sum(_piece_size(p) for p in pieces)
+                copied.add(self._out.length - copied.done)
+                self._report = copied.add
+            for piece in pieces:
                 self._out.add(piece)
+            size = self._out.length
         except BaseException:
             self.abort()
             raise
@@ -2475,7 +2736,7 @@ class StagedWrite:
             raise CkptToolError(f"{self.out_path}: cannot write the checkpoint "
                                 f"({e.strerror or e}); nothing was written") from None
         copied = {s: k for k, s in storages.order if isinstance(s, str)}
-        return WrittenCheckpoint(self.out_path, self.file.kind, end, copied,
+        return WrittenCheckpoint(self.out_path, self.file.kind, size, copied,
                                  tuple(k for k, s in storages.order if not isinstance(s, str)),
                                  tuple(k for k in self.file.storage_spans if k not in copied))
 

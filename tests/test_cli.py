@@ -373,3 +373,32 @@ def test_an_error_starts_a_line_of_its_own_after_a_bar(monkeypatch, capsys):
     code, _, err = _main(LONG_REPLAY, monkeypatch, capsys, tty=True)
     assert code == EXIT_ERROR and "replaying" in err
     assert err.splitlines()[-1] == "ckpttool: error: interrupted"
+
+
+def _writing(tmp_path, monkeypatch, capsys, extra=(), *, tty=True):
+    return _main(["reschedule", "fixtures/adamw_cosine.pt", "-o", tmp_path / "out.pt",
+                  "--set", "T_max=80", *extra], monkeypatch, capsys, tty=tty)
+
+
+def test_a_small_output_draws_no_writing_bar(tmp_path, monkeypatch, capsys):
+    from ckpttool import cli
+
+    assert cli.BAR_MIN_COPY_BYTES == 256 << 20  # the documented threshold
+    code, out, err = _writing(tmp_path, monkeypatch, capsys)
+    assert code == EXIT_OK and err == "" and "verified" in out
+
+
+def test_a_big_output_draws_a_writing_bar(tmp_path, monkeypatch, capsys):
+    """Above BAR_MIN_COPY_BYTES (here lowered, with progress reported per chunk: the fixture is
+    small) the copy draws a bar on stderr, which ends before the report starts."""
+    from ckpttool import cli, serialization
+
+    monkeypatch.setattr(cli, "BAR_MIN_COPY_BYTES", 1)
+    monkeypatch.setattr(serialization, "PROGRESS_BYTES", 1)
+    code, out, err = _writing(tmp_path, monkeypatch, capsys)
+    assert code == EXIT_OK and "writing" in err and "100%" in err and "#" in err
+    assert "writing" not in out and "verified" in out
+    for extra, tty in ((["--quiet"], True), ([], False)):
+        (tmp_path / "out.pt").unlink()
+        code, out, err = _writing(tmp_path, monkeypatch, capsys, extra, tty=tty)
+        assert code == EXIT_OK and err == "" and "verified" in out

@@ -4,6 +4,7 @@ shown, diffed; the oracle is the frameworks' own files loaded with torch, json a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -129,12 +130,14 @@ def test_a_folder_equals_its_copy(tmp_path, run_cli):
     assert result.exit_code == EXIT_OK and "no differences" in result.stdout
 
 
-def test_rewriting_a_folder_is_refused_cleanly(run_cli, tmp_path):
-    result = run_cli("reschedule", ACCELERATE, "--optimizer", "optimizer.bin", "--set",
-                     "T_max=40", "-o", tmp_path / "out")
+def test_rewriting_a_folder_into_itself_is_refused_cleanly(run_cli, tmp_path):
+    folder = tmp_path / "state"
+    shutil.copytree(ACCELERATE, folder)
+    result = run_cli("reschedule", folder, "--optimizer", "optimizer.bin", "--set",
+                     "T_max=40", "-o", folder / "out")
     assert result.exit_code == EXIT_ERROR
-    assert "not supported yet" in result.stderr and result.stderr.count("\n") == 1
-    assert not (tmp_path / "out").exists()
+    assert "inside the input folder" in result.stderr and result.stderr.count("\n") == 1
+    assert sorted(os.listdir(folder)) == sorted(os.listdir(ACCELERATE))
 
 
 @pytest.mark.parametrize("make, message", [

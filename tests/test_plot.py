@@ -282,9 +282,11 @@ def test_plot_json_schema(run_cli):
     assert result.exit_code == EXIT_OK
     doc = json.loads(result.stdout, parse_constant=lambda c: pytest.fail(c))
     assert set(doc) == {"schema", "path", "optimizer", "scheduler", "step", "resume", "horizon",
-                        "caption", "momentum_key", "old", "new", "notes"}
+                        "caption", "momentum_key", "old", "new", "notes", "logged",
+                        "logged_check"}
     assert (doc["schema"], doc["step"], doc["resume"], doc["horizon"]) == ("ckpttool.plot/1", 16,
                                                                           16, 90)
+    assert (doc["logged"], doc["logged_check"]) == ([], None)  # no HF log in a plain file
     series = ckpttool.plot_series(COSINE, sets=["T_max=80"], steps=90)
     for name, curve in (("old", series.old), ("new", series.new)):
         part = doc[name]
@@ -435,3 +437,91 @@ def test_plot_step_gives_a_new_schedule_where_nothing_says_the_step(run_cli):
     assert result.exit_code == EXIT_OK, result.stderr
     assert "new: CosineAnnealingLR(T_max=10)" in result.stdout
     assert "^ resume at step 4" in result.stdout
+
+
+# --- HF Trainer folders: the schedule through transformers, the logged lrs as points ----------
+
+HF20 = ROOT / "fixtures/dirs/hf_trainer/checkpoint-20"
+
+
+def _hf_log(folder):
+    state = json.loads((folder / "trainer_state.json").read_text())
+    return [[e["step"], e["learning_rate"]] for e in state["log_history"] if "learning_rate" in e]
+
+
+def test_plot_of_an_hf_folder_carries_the_logged_lrs(run_cli):
+    transformers = pytest.importorskip("transformers")
+    result = run_cli("plot", "--json", HF20)
+    assert result.exit_code == EXIT_OK, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["old"]["call"] == "hf:linear(num_warmup_steps=5, num_training_steps=40)"
+    assert doc["horizon"] == 40 and "num_training_steps" in doc["caption"]
+    assert doc["logged"] == _hf_log(HF20)  # as trainer_state.json holds them, exactly
+    assert doc["logged_check"]["agrees"] and doc["logged_check"]["offset"] == -1
+    # The curve is transformers' own schedule, and each logged lr sits on it at step N - 1.
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = transformers.get_scheduler("linear", opt, num_warmup_steps=5, num_training_steps=40)
+    expected = [opt.param_groups[0]["lr"]]
+    for _ in range(40):
+        opt.step()
+        sched.step()
+        expected.append(opt.param_groups[0]["lr"])
+    assert doc["old"]["steps"] == list(range(41))
+    assert doc["old"]["groups"][0]["lr"] == expected
+    assert all(expected[step - 1] == lr for step, lr in doc["logged"])
+    assert "all 4 equal the replay" in doc["notes"][-1]
+
+
+def test_hf_logged_lrs_in_the_sparklines(run_cli):
+    pytest.importorskip("transformers")
+    lines = run_cli("plot", HF20).stdout.splitlines()
+    (curve,) = [line for line in lines if "groups 0, 1" in line]
+    (logged,) = [line for line in lines if line.split()[:1] == ["logged"]]
+    start = curve.index("groups 0, 1") + len("groups 0, 1  ")
+    marks = [i - start for i, c in enumerate(logged) if c in plot.SPARK_LEVELS]
+    # one mark per logged step, in the column of step N - 1, at the curve's level there
+    columns = len(curve[start:].split()[0])
+    assert marks == [next(c for c in range(columns)
+                          if plot.column_steps(c, columns, 40)[1] > step - 1)
+                     for step, _ in _hf_log(HF20)]
+    assert all(logged[start + m] == curve[start + m] for m in marks)
+    assert any("4 logged lrs of trainer_state.json" in line for line in lines)
+
+
+def test_hf_logged_lrs_are_drawn_on_the_png(tmp_path):
+    pytest.importorskip("transformers")
+    import dataclasses
+
+    series = ckpttool.plot_series(HF20)
+    with_points = _image(plot.draw_png(series, tmp_path / "with.png"))
+    without = _image(plot.draw_png(dataclasses.replace(series, logged=(), notes=series.notes),
+                                   tmp_path / "without.png"))
+    assert with_points.shape == without.shape == (480, 1000, 4)
+    differ = (abs(with_points - without).sum(axis=2) > 0.1)
+    assert differ.any()
+    rows, cols = differ.nonzero()
+    # the points lie inside the axes, not only in the legend at the top right
+    assert (cols < 700).any() and (rows > 100).any()
+
+
+def test_a_doctored_logged_lr_is_flagged_in_the_plot(tmp_path):
+    pytest.importorskip("transformers")
+    import shutil
+
+    folder = tmp_path / "checkpoint-20"
+    shutil.copytree(HF20, folder)
+    state = json.loads((folder / "trainer_state.json").read_text())
+    state["log_history"][2]["learning_rate"] = 0.0007
+    (folder / "trainer_state.json").write_text(json.dumps(state))
+    series = ckpttool.plot_series(folder)
+    assert series.logged[2] == (15, 0.0007) and not series.logged_check.agrees
+    assert series.logged_check.first_mismatch[:2] == (15, 0.0007)
+    assert "1 of 4 DIFFER from the replay, the first at step 15: logged 0.0007" in series.notes[-1]
+
+
+def test_hf_plot_without_transformers_names_the_extra(run_cli, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    result = run_cli("plot", HF20)
+    assert result.exit_code == EXIT_ERROR
+    assert "needs transformers: pip install 'ckpttool[hf]'" in result.stderr
+    assert len(result.stderr.splitlines()) == 1

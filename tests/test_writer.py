@@ -622,8 +622,15 @@ def _fail_after(n_calls, error):
     return progress
 
 
+@pytest.fixture
+def every_chunk(monkeypatch):
+    """Progress reported after every piece and chunk (not once per 32 MB): the callback is the
+    way to fail a write at a chosen point."""
+    monkeypatch.setattr(serialization, "PROGRESS_BYTES", 1)
+
+
 @pytest.mark.parametrize("error", [RuntimeError("disk on fire"), KeyboardInterrupt()])
-def test_a_failed_write_leaves_nothing_behind(tmp_path, error):
+def test_a_failed_write_leaves_nothing_behind(tmp_path, error, every_chunk):
     src = FIXTURES / "adamw_cosine.pt"
     out = tmp_path / "out.pt"
     with pytest.raises(type(error)):
@@ -631,7 +638,7 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, error):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_failed_write_leaves_an_existing_output_untouched(tmp_path):
+def test_a_failed_write_leaves_an_existing_output_untouched(tmp_path, every_chunk):
     out = tmp_path / "out.pt"
     out.write_bytes(b"the previous checkpoint")
     with pytest.raises(RuntimeError):
@@ -640,7 +647,7 @@ def test_a_failed_write_leaves_an_existing_output_untouched(tmp_path):
     assert list(tmp_path.iterdir()) == [out]
 
 
-def test_progress_counts_every_byte(tmp_path):
+def test_progress_counts_every_byte(tmp_path, every_chunk):
     seen = []
     _, result, _ = rewrite(FIXTURES / "adamw_cosine.pt", tmp_path / "out.pt",
                            progress=lambda done, total: seen.append((done, total)))
@@ -931,3 +938,86 @@ def test_copy_file_copies_bytes_durably_and_never_overwrites(tmp_path, monkeypat
     with pytest.raises(FileExistsError):
         serialization.copy_file(src, tmp_path / "dst.bin")
     assert (tmp_path / "dst.bin").read_bytes() == src.read_bytes()
+
+
+# --- progress ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Copies in 8 KB chunks (direct blocks or kernel copies) and progress once per 32 KB: the
+    32 MB of the real thing, scaled down."""
+    monkeypatch.setattr(serialization, "_DIRECT_BLOCK", 8192)
+    monkeypatch.setattr(serialization, "_COPY_CHUNK", 8192)
+    monkeypatch.setattr(serialization, "PROGRESS_BYTES", 32768)
+    return 32768
+
+
+def _spaced(seen, every, total):
+    """Reports in order, at least ``every`` bytes apart but the last, which is the total."""
+    dones = [d for d, _ in seen]
+    assert all(t == total for _, t in seen)
+    assert dones[-1] == total and dones == sorted(dones)
+    assert all(b - a >= every for a, b in zip([0] + dones[:-2], dones[:-1]))
+    return dones
+
+
+def test_one_progress_follows_many_copies(tmp_path, small_blocks):
+    """The folder writer's case: several files (or shards) copied, one progress over all."""
+    sizes = [50_000, 123_457, 8192]
+    srcs = []
+    for i, size in enumerate(sizes):
+        srcs.append(tmp_path / f"in{i}.bin")
+        srcs[-1].write_bytes(os.urandom(size))
+    seen = []
+    progress = serialization.CopyProgress(sum(sizes), lambda d, t: seen.append((d, t)))
+    for i, src in enumerate(srcs):
+        serialization.copy_file(src, tmp_path / f"out{i}.bin", report=progress.add)
+        assert (tmp_path / f"out{i}.bin").read_bytes() == src.read_bytes()
+    dones = _spaced(seen, small_blocks, sum(sizes))
+    assert 2 < len(dones) <= sum(sizes) // small_blocks + 1
+
+
+def test_write_progress_is_reported_once_per_block_at_most(tmp_path, small_blocks):
+    src, out = folders(tmp_path, "in/in.pt", "out/out.pt")
+    torch.save({f"w{i}": torch.randn(2000 + 37 * i) for i in range(24)}, src)
+    seen = []
+    _, result, _ = rewrite(src, out, progress=lambda d, t: seen.append((d, t)))
+    dones = _spaced(seen, small_blocks, result.size)
+    assert result.size == out.stat().st_size and 2 < len(dones) <= result.size // small_blocks + 1
+
+
+def test_a_staged_write_reports_its_copy_from_the_callers_thread(tmp_path, monkeypatch,
+                                                                  small_blocks):
+    """finish() waits for the staged copy; meanwhile it reports how far the copy got, in the
+    caller's thread (a bar is drawn there), then the rest, ending at the output's size."""
+    src, out = folders(tmp_path, "in/in.pt", "out/out.pt")
+    torch.save({"model": {f"w{i}": torch.randn(3000) for i in range(16)},
+                "optimizer": {"param_groups": [{"lr": 0.1}]}}, src)
+    monkeypatch.setattr(serialization, "_PROGRESS_POLL_S", 0.005)
+    real_copy = serialization._Appender.copy
+
+    def slow_copy(self, offset, size):  # the staged copy takes a while
+        if threading.current_thread().name == "ckpttool-staged-copy":
+            time.sleep(0.02)
+        return real_copy(self, offset, size)
+
+    monkeypatch.setattr(serialization._Appender, "copy", slow_copy)
+    ckpt = read_checkpoint(src)
+    staged = serialization.StagedWrite(ckpt, out, list(ckpt.storage_order))
+    ckpt.root["optimizer"]["param_groups"][0]["lr"] = 0.05
+    seen, threads = [], set()
+
+    def progress(done, total):
+        seen.append((done, total, staged._thread.is_alive()))
+        threads.add(threading.current_thread().name)
+
+    written = staged.finish(ckpt.root, progress=progress)
+    assert threads == {threading.main_thread().name}
+    assert any(alive for *_, alive in seen)  # reported while the copy was still running
+    assert all(d < t for d, t, _ in seen[:-1]) and seen[-1][:2] == (written.size,) * 2
+    assert [d for d, *_ in seen] == sorted(d for d, *_ in seen)
+    assert written.size == out.stat().st_size
+    expected = torch.load(src, weights_only=True)
+    expected["optimizer"]["param_groups"][0]["lr"] = 0.05
+    same_loaded(expected, torch.load(out, weights_only=True))

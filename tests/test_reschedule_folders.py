@@ -1,0 +1,584 @@
+"""ckpttool reschedule of checkpoint folders: an HF Trainer checkpoint-N/ and an accelerate
+save_state() folder become a new folder, complete before it takes its name.
+
+The oracle is the frameworks themselves: a real transformers Trainer resumes from the rewritten
+folder with the TrainingArguments ckpttool printed and must follow, step by step and bit for bit,
+a Trainer that used the new schedule from step 0; accelerate's own load_state restores the
+rewritten folder into real objects, which must follow a torch run of the new schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import warnings
+
+import pytest
+import torch
+
+import ckpttool
+from ckpttool import rescheduling
+from ckpttool.errors import EXIT_ERROR, EXIT_OK, CkptToolError, StateError
+from ckpttool.serialization import TensorRef, read_checkpoint, walk
+from conftest import FIXTURES, record_durability
+
+DIRS = FIXTURES / "dirs"
+HF20 = DIRS / "hf_trainer" / "checkpoint-20"
+HF40 = DIRS / "hf_trainer" / "checkpoint-40"
+COS8 = DIRS / "hf_trainer_cosine" / "checkpoint-8"
+ACCELERATE = DIRS / "accelerate"
+
+
+def files(folder) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def storages(path) -> dict:
+    """{storage key: its raw bytes} of a torch file, read from the records (nothing unpickled)."""
+    file = read_checkpoint(path)
+    refs = {v.storage.key: v.storage for _, v in walk(file.root)
+            if isinstance(v, TensorRef) and v.storage is not None}
+    return {key: file.read_storage(ref) for key, ref in refs.items()}
+
+
+def leftovers(folder) -> list[str]:
+    """Everything in ``folder``, hidden names included (a pending or aside folder)."""
+    return sorted(os.listdir(folder))
+
+
+# --- planning ----------------------------------------------------------------------------------
+
+
+def test_an_hf_folder_keeps_its_trainer_schedule_and_set_changes_it():
+    pytest.importorskip("transformers")
+    plan = ckpttool.reschedule(HF20, sets=["num_training_steps=80"])
+    assert plan.optimizer == "optimizer.pt" and plan.scheduler == "scheduler.pt"
+    assert plan.new_call == "LambdaLR from hf:linear(num_warmup_steps=5, num_training_steps=80)"
+    assert plan.old_call == "LambdaLR from hf:linear(num_warmup_steps=5, num_training_steps=40)"
+    assert plan.rewritten == ("optimizer.pt", "scheduler.pt", "trainer_state.json")
+    assert plan.hf.training_args == {"lr_scheduler_type": "linear", "warmup_steps": 5,
+                                     "max_steps": 80, "learning_rate": 0.001}
+    assert plan.hf.changed == ("max_steps",)
+    assert plan.hf.trainer_state == {"max_steps": (40, 80)}
+    assert plan.root["trainer_state.json"]["max_steps"] == 80
+    assert plan.source.file.root["trainer_state.json"]["max_steps"] == 40  # the input's tree
+
+
+def test_a_warmup_ratio_is_kept_only_while_it_gives_the_same_steps():
+    pytest.importorskip("transformers")
+    longer = ckpttool.reschedule(COS8, sets=["num_training_steps=24"])
+    assert longer.hf.training_args["warmup_steps"] == 2  # ceil(0.1 * 24) would be 3
+    assert longer.hf.changed == ("warmup_steps", "max_steps")
+    same = ckpttool.reschedule(COS8)
+    assert same.hf.training_args["warmup_steps"] == 0.1 and same.hf.changed == ()
+    assert "max_steps" not in same.hf.training_args  # num_train_epochs=3 still gives 12 steps
+    assert same.hf.trainer_state == {} and not same.changed
+    assert "trainer_state.json" not in same.rewritten
+
+
+def test_an_hf_spec_with_its_own_arguments_names_lr_scheduler_kwargs():
+    pytest.importorskip("transformers")
+    plan = ckpttool.reschedule(HF20, scheduler="hf:cosine_with_min_lr(num_warmup_steps=5, "
+                               "num_training_steps=60, min_lr=1e-05)", lr=["0.002"])
+    assert plan.hf.training_args == {
+        "lr_scheduler_type": "cosine_with_min_lr", "warmup_steps": 5, "max_steps": 60,
+        "learning_rate": 0.002, "lr_scheduler_kwargs": {"min_lr": 1e-05}}
+    assert plan.hf.changed == ("lr_scheduler_type", "max_steps", "learning_rate",
+                               "lr_scheduler_kwargs")
+
+
+def test_an_hf_folder_whose_schedule_is_not_recorded_says_what_to_pass(tmp_path):
+    pytest.importorskip("transformers")
+    folder = tmp_path / "checkpoint-20"
+    shutil.copytree(HF20, folder)
+    os.remove(folder / "training_args.bin")  # the schedule type is only there
+    with pytest.raises(StateError, match=r"pass it: --scheduler 'hf:linear\("):
+        ckpttool.reschedule(folder, sets=["num_training_steps=80"])
+    plan = ckpttool.reschedule(folder, scheduler="hf:linear(num_warmup_steps=5, "
+                               "num_training_steps=80)")
+    assert plan.hf.changed == ("lr_scheduler_type", "warmup_steps", "max_steps",
+                               "learning_rate")  # nothing in training_args.bin to compare with
+
+
+def test_a_folder_rescheduled_to_another_hf_schedule_is_not_replayed_as_the_old_one(tmp_path):
+    """training_args.bin is never rewritten: it still names the old schedule, which must not
+    be taken for the folder's own when its lrs say otherwise."""
+    pytest.importorskip("transformers")
+    ckpttool.reschedule(HF20, scheduler="hf:cosine(num_warmup_steps=5, num_training_steps=80)"
+                        ).save(tmp_path / "cosine")
+    with pytest.raises(StateError, match="was this folder rescheduled"):
+        ckpttool.reschedule(tmp_path / "cosine", sets=["num_training_steps=100"])
+    again = ckpttool.reschedule(tmp_path / "cosine", scheduler="hf:cosine(num_warmup_steps=5, "
+                                "num_training_steps=100)")
+    assert again.hf.trainer_state == {"max_steps": (80, 100)}
+
+
+def test_accelerate_optimizers_are_chosen_by_location():
+    with pytest.raises(StateError, match="choose one with --optimizer"):
+        ckpttool.reschedule(ACCELERATE, sets=["T_max=40"])
+    first = ckpttool.reschedule(ACCELERATE, optimizer="optimizer.bin", sets=["T_max=40"])
+    second = ckpttool.reschedule(ACCELERATE, optimizer="optimizer_1.bin", sets=["step_size=4"])
+    assert (first.scheduler, first.rewritten) == ("scheduler.bin",
+                                                  ("optimizer.bin", "scheduler.bin"))
+    assert (second.scheduler, second.rewritten) == ("scheduler_1.bin",
+                                                    ("optimizer_1.bin", "scheduler_1.bin"))
+    assert first.hf is None and second.new_call == "StepLR(step_size=4, gamma=0.5)"
+
+
+def test_a_folder_without_a_scheduler_file_gets_none_added(tmp_path):
+    folder = tmp_path / "state"
+    shutil.copytree(ACCELERATE, folder)
+    os.remove(folder / "scheduler.bin")
+    with pytest.raises(StateError, match="adds no file"):
+        ckpttool.reschedule(folder, optimizer="optimizer.bin",
+                            scheduler="CosineAnnealingLR(T_max=20)")
+
+
+# --- saving ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source, options, rewritten", [
+    (HF20, dict(sets=["num_training_steps=80"]),
+     {"optimizer.pt", "scheduler.pt", "trainer_state.json"}),
+    (COS8, dict(sets=["num_training_steps=24"]),
+     {"optimizer.pt", "scheduler.pt", "trainer_state.json"}),
+    (ACCELERATE, dict(optimizer="optimizer.bin", sets=["T_max=40"]),
+     {"optimizer.bin", "scheduler.bin"}),
+    (ACCELERATE, dict(optimizer="optimizer_1.bin", sets=["step_size=4"]),
+     {"optimizer_1.bin", "scheduler_1.bin"}),
+], ids=["hf-linear", "hf-cosine", "accelerate-0", "accelerate-1"])
+def test_a_saved_folder_changes_only_the_rewritten_fields(tmp_path, source, options, rewritten):
+    if source != ACCELERATE:
+        pytest.importorskip("transformers")
+    plan = ckpttool.reschedule(source, **options)
+    saved = plan.save(tmp_path / "out")
+    assert saved.verified_steps == 10 and saved.path == str((tmp_path / "out").resolve())
+    assert leftovers(tmp_path) == ["out"]  # no pending or aside folder
+    before, after = files(source), files(tmp_path / "out")
+    assert before.keys() == after.keys()
+    assert {n for n in before if before[n] != after[n]} == rewritten
+    for name in after:  # copies, never links: writing to one never changes the other
+        assert not os.path.islink(tmp_path / "out" / name)
+        assert os.stat(tmp_path / "out" / name).st_ino != os.stat(source / name).st_ino
+    for name in rewritten - {"trainer_state.json"}:  # tensor records copied as they were
+        assert storages(source / name) == storages(tmp_path / "out" / name)
+    # Structurally, only the planned fields differ: the lrs, the scheduler, the horizon.
+    changes = {c.path for c in ckpttool.diff(source, tmp_path / "out").changes}
+    opt, sched = plan.optimizer, plan.scheduler
+    expected = {f"{opt}/param_groups/{g.index}/{k}" for g in plan.groups for k in g.changes}
+    expected |= {f"{sched}/{k}" for k in plan.new_state if plan.new_state[k] != (
+        plan.old_state or {}).get(k)}
+    expected |= {f"trainer_state.json/{k}" for k in (plan.hf.trainer_state if plan.hf else {})}
+
+    def under(path, field):
+        return path == field or path.startswith(field + "/")
+
+    assert all(any(under(p, e) for e in expected) for p in changes), changes
+    assert all(any(under(p, e) for p in changes) for e in expected), expected
+
+
+def test_subfolders_are_copied_and_links_become_files(tmp_path):
+    folder = tmp_path / "state"
+    shutil.copytree(ACCELERATE, folder)
+    (folder / "extra" / "deep").mkdir(parents=True)
+    (folder / "extra" / "deep" / "notes.txt").write_text("kept")
+    os.symlink("extra/deep/notes.txt", folder / "link.txt")
+    os.symlink("../..", folder / "extra" / "deep" / "up")  # a loop: refused, nothing left
+    plan = ckpttool.reschedule(folder, optimizer="optimizer.bin", sets=["T_max=40"])
+    with pytest.raises(CkptToolError, match="a link to a folder that contains it"):
+        plan.save(tmp_path / "out")
+    assert leftovers(tmp_path) == ["state"]
+    os.remove(folder / "extra" / "deep" / "up")
+    plan.save(tmp_path / "out")
+    assert (tmp_path / "out" / "extra" / "deep" / "notes.txt").read_text() == "kept"
+    assert not os.path.islink(tmp_path / "out" / "link.txt")
+    assert (tmp_path / "out" / "link.txt").read_text() == "kept"
+
+
+def test_trainer_state_json_keeps_the_trainers_format(tmp_path):
+    pytest.importorskip("transformers")
+    ckpttool.reschedule(HF20, sets=["num_training_steps=80"]).save(tmp_path / "out")
+    old = (HF20 / "trainer_state.json").read_text()
+    new = (tmp_path / "out" / "trainer_state.json").read_text()
+    assert new == old.replace('\n  "max_steps": 40,\n', '\n  "max_steps": 80,\n')
+    assert new == json.dumps(json.loads(new), indent=2, sort_keys=True) + "\n"  # the Trainer's
+
+
+def test_json_edits_keep_a_hand_written_layout_or_fall_back_to_the_trainers():
+    from ckpttool.folder_output import json_bytes
+
+    old = {"b": 1, "max_steps": 40, "log": [{"max_steps": 40}]}
+    text = b'{"b": 1, "max_steps": 40, "log": [{"max_steps": 40}]}'  # not line by line
+    assert json_bytes(text, old, {**old, "max_steps": 80}) == (
+        json.dumps({**old, "max_steps": 80}, indent=2, sort_keys=True) + "\n").encode()
+    text = b'{\n "b": 1,\n "max_steps": 40,\n "log": [\n  {\n   "max_steps": 40\n  }\n ]\n}'
+    assert json_bytes(text, old, {**old, "max_steps": 80}) == text.replace(
+        b' "max_steps": 40,', b' "max_steps": 80,')
+
+
+def test_force_replaces_an_existing_folder_and_without_it_nothing_changes(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("the old output")
+    plan = ckpttool.reschedule(ACCELERATE, optimizer="optimizer.bin", sets=["T_max=40"])
+    with pytest.raises(StateError, match="exists; pass --force"):
+        plan.save(out)
+    assert os.listdir(out) == ["old.txt"]
+    plan.save(out, force=True)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(ACCELERATE))
+    assert leftovers(tmp_path) == ["out"]
+
+
+def test_at_every_moment_one_complete_folder_exists(tmp_path, monkeypatch):
+    """--force over an existing folder: the old one is renamed aside, the new renamed in, the
+    old removed, each rename made durable before the next step."""
+    out = tmp_path / "out"
+    shutil.copytree(ACCELERATE, out)
+    plan = ckpttool.reschedule(ACCELERATE, optimizer="optimizer.bin", sets=["T_max=40"])
+    events = record_durability(monkeypatch)
+    real_rename = os.rename
+
+    def rename(a, b):
+        # whenever a folder leaves `out`, a complete one is already in place or waits beside it
+        assert os.path.isdir(a) and len(os.listdir(a)) == 7
+        events.append(f"move {os.path.basename(a)} to {os.path.basename(b)}")
+        real_rename(a, b)
+
+    monkeypatch.setattr(os, "rename", rename)
+    plan.save(out, force=True)
+    moves = [e for e in events if e.startswith("move")]
+    assert moves == ["move out to .out.ckpttool-old", "move .out.ckpttool-new to out"]
+    first = events.index(moves[0])
+    assert events[:first].count("fsync file") == 7  # every file of the new folder, before
+    assert events[first - 1] == "fsync folder"  # ... and the new folder itself
+    assert events[first + 2] == "fsync folder" and events[-1] == "fsync folder"
+    assert leftovers(tmp_path) == ["out"]
+
+
+def test_in_place_keeps_the_original_as_bak(tmp_path, run_cli):
+    folder = tmp_path / "state"
+    shutil.copytree(ACCELERATE, folder)
+    args = ("reschedule", folder, "--in-place", "--optimizer", "optimizer_1.bin",
+            "--set", "step_size=4")
+    result = run_cli(*args)
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert files(tmp_path / "state.bak") == files(ACCELERATE)
+    assert ckpttool.load(folder).schedulers[1].args["step_size"] == 4
+    assert f"backup: the original is now {tmp_path / 'state.bak'}" in result.stdout
+    again = run_cli(*args)
+    assert again.exit_code == EXIT_ERROR and "--force to replace that backup" in again.stderr
+    assert run_cli(*args, "--set", "gamma=0.25", "--force").exit_code == EXIT_OK
+    assert ckpttool.load(tmp_path / "state.bak").schedulers[1].args["step_size"] == 4
+    assert run_cli(*args[:-2], "--set", "step_size=5", "--no-backup", "--force").exit_code == 0
+    assert leftovers(tmp_path) == ["state", "state.bak"]
+    assert ckpttool.load(tmp_path / "state.bak").schedulers[1].args["step_size"] == 4
+
+
+def test_dry_run_writes_nothing(tmp_path, run_cli):
+    pytest.importorskip("transformers")
+    result = run_cli("reschedule", HF20, "--dry-run", "--set", "num_training_steps=80", "-o",
+                     tmp_path / "out")
+    assert result.exit_code == EXIT_OK
+    assert "(dry run: nothing written)" in result.stdout and os.listdir(tmp_path) == []
+
+
+def test_a_failed_verification_leaves_nothing(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(ACCELERATE, out)
+    plan = ckpttool.reschedule(ACCELERATE, optimizer="optimizer.bin", sets=["T_max=40"])
+    monkeypatch.setattr(rescheduling.Rescheduled, "verify",
+                        lambda self, path, steps=10: "resumed step 1: lr differs")
+    with pytest.raises(StateError, match="does not resume as replayed"):
+        plan.save(out, force=True)
+    assert files(out) == files(ACCELERATE)  # the old output, intact
+    with pytest.raises(StateError):
+        plan.save(tmp_path / "new")
+    assert leftovers(tmp_path) == ["out"]
+
+
+def test_a_failed_copy_leaves_nothing(tmp_path, monkeypatch):
+    from ckpttool import folder_output
+
+    real = folder_output.copy_file
+    copied = []
+
+    def copy_file(src, dst, report=None):
+        if copied:
+            raise OSError(28, "No space left on device", dst)
+        copied.append(real(src, dst, report=report))
+
+    monkeypatch.setattr(folder_output, "copy_file", copy_file)
+    plan = ckpttool.reschedule(ACCELERATE, optimizer="optimizer.bin", sets=["T_max=40"])
+    with pytest.raises(CkptToolError, match="No space left on device; nothing was written"):
+        plan.save(tmp_path / "out")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_verified_resume_is_checked_on_the_written_folder(tmp_path, monkeypatch):
+    """Mutation guard: a writer that drops the rewritten scheduler is caught by verification."""
+    plan = ckpttool.reschedule(ACCELERATE, optimizer="optimizer.bin", sets=["T_max=40"])
+    stale = dataclasses.replace(plan, root=dict(plan.root, **{
+        "scheduler.bin": plan.source.file.root["scheduler.bin"]}))
+    with pytest.raises(StateError, match="does not resume as replayed"):
+        stale.save(tmp_path / "out")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", ["inside", "around"])
+def test_an_output_inside_or_around_the_input_is_refused(tmp_path, run_cli, where):
+    folder = tmp_path / "runs" / "state"
+    shutil.copytree(ACCELERATE, folder)
+    out = folder / "new" if where == "inside" else tmp_path / "runs"
+    result = run_cli("reschedule", folder, "--optimizer", "optimizer.bin", "--set", "T_max=40",
+                     "-o", out, "--force")
+    assert result.exit_code == EXIT_ERROR and result.stderr.count("\n") == 1
+    assert ("inside the input folder" if where == "inside" else "contains the input") \
+        in result.stderr
+    assert files(folder) == files(ACCELERATE) and not (folder / "new").exists()
+
+
+def test_a_stale_pending_folder_is_reported_not_removed(tmp_path):
+    (tmp_path / ".out.ckpttool-new").mkdir()
+    (tmp_path / ".out.ckpttool-new" / "half").write_text("")
+    plan = ckpttool.reschedule(ACCELERATE, optimizer="optimizer.bin", sets=["T_max=40"])
+    with pytest.raises(StateError, match="interrupted ckpttool run"):
+        plan.save(tmp_path / "out")
+    assert leftovers(tmp_path) == [".out.ckpttool-new"]
+
+
+def test_folder_writing_reports_progress(tmp_path):
+    seen = []
+    plan = ckpttool.reschedule(ACCELERATE, optimizer="optimizer.bin", sets=["T_max=40"])
+    plan.save(tmp_path / "out", progress=lambda done, total: seen.append((done, total)))
+    total = sum(len(b) for b in files(ACCELERATE).values())
+    assert seen[-1] == (total, total)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_out_dir_writes_each_folder_under_its_name(tmp_path, run_cli):
+    pytest.importorskip("transformers")
+    result = run_cli("reschedule", HF20, COS8, "--out-dir", tmp_path / "longer", "--scale-lr",
+                     "0.5")
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert sorted(os.listdir(tmp_path / "longer")) == ["checkpoint-20", "checkpoint-8"]
+    assert "2 inputs: 2 written and verified" in result.stdout
+    for name in ("checkpoint-20", "checkpoint-8"):
+        ckpt = ckpttool.load(tmp_path / "longer" / name)
+        assert [g.initial_lr for g in ckpt.optimizers[0].groups] == [0.0005, 0.0005]
+
+
+# --- the CLI -----------------------------------------------------------------------------------
+
+
+def test_cli_text_says_which_training_arguments_to_change(tmp_path, run_cli):
+    pytest.importorskip("transformers")
+    result = run_cli("reschedule", COS8, "-o", tmp_path / "out", "--set",
+                     "num_training_steps=24")
+    assert result.exit_code == EXIT_OK, result.stderr
+    out = result.stdout
+    assert ("[hf-trainer folder] rewritten: optimizer.pt, scheduler.pt, trainer_state.json "
+            "(max_steps 12 -> 24); every other file copied byte for byte") in out
+    assert "  warmup_steps=2              (training_args.bin: 0.1)\n" in out
+    assert "  max_steps=24                (training_args.bin: -1)\n" in out
+    assert "  lr_scheduler_type='cosine'  (unchanged)\n" in out
+    assert f"trainer.train(resume_from_checkpoint={str((tmp_path / 'out').resolve())!r})" in out
+
+
+def test_cli_json_carries_the_folder_and_the_trainer_arguments(tmp_path, run_cli):
+    pytest.importorskip("transformers")
+    result = run_cli("reschedule", HF20, "-o", tmp_path / "out", "--set",
+                     "num_training_steps=80", "--json")
+    assert result.exit_code == EXIT_OK, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["schema"] == "ckpttool.reschedule/1" and doc["kind"] == "hf-trainer"
+    assert doc["rewritten"] == ["optimizer.pt", "scheduler.pt", "trainer_state.json"]
+    assert doc["verified_steps"] == 10 and doc["output"] == str((tmp_path / "out").resolve())
+    assert doc["hf"] == {
+        "training_args": {"lr_scheduler_type": "linear", "warmup_steps": 5, "max_steps": 80,
+                          "learning_rate": 0.001},
+        "training_args_bin": {"lr_scheduler_type": "linear", "warmup_steps": 5, "max_steps": 40,
+                              "learning_rate": 0.001, "lr_scheduler_kwargs": {}},
+        "changed": ["max_steps"], "trainer_state": {"max_steps": {"old": 40, "new": 80}},
+        "create_scheduler": None}
+    assert doc["groups"][0]["changes"]["lr"]["new"] == 0.0008
+    plain = json.loads(run_cli("reschedule", FIXTURES / "adamw_cosine.pt", "--dry-run",
+                               "--json").stdout)
+    assert plain["kind"] == "torch-zip" and plain["rewritten"] is None and plain["hf"] is None
+
+
+def test_cli_for_a_torch_scheduler_on_an_hf_folder_prints_a_trainer_override(run_cli):
+    pytest.importorskip("transformers")
+    result = run_cli("reschedule", HF40, "--dry-run", "--scheduler",
+                     "CosineAnnealingLR(T_max=80)", "--json")
+    code = json.loads(result.stdout)["hf"]["create_scheduler"]
+    assert "def create_scheduler(self, num_training_steps, optimizer=None):" in code
+    assert "lr_scheduler.CosineAnnealingLR(optimizer, T_max=80)" in code
+    text = run_cli("reschedule", HF40, "--dry-run", "--scheduler",
+                   "CosineAnnealingLR(T_max=80)").stdout
+    assert "  class Trainer(transformers.Trainer):" in text
+
+
+def test_cli_accelerate_resume_recipe(run_cli):
+    result = run_cli("reschedule", ACCELERATE, "--dry-run", "--optimizer", "optimizer.bin",
+                     "--set", "T_max=40")
+    assert result.exit_code == EXIT_OK
+    assert "  scheduler = lr_scheduler.CosineAnnealingLR(optimizer, T_max=40, eta_min=1e-05)\n" \
+        in result.stdout
+    assert "  accelerator.load_state('OUT')\n" in result.stdout
+
+
+# --- the frameworks resume the rewritten folders ------------------------------------------------
+
+
+def _make_fixtures():
+    """The fixture script as a module: the same tiny model, data and TrainingArguments."""
+    if "make_fixtures" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("make_fixtures",
+                                                      FIXTURES / "make_fixtures.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["make_fixtures"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["make_fixtures"]
+
+
+class _LrRecorder:
+    """A TrainerCallback recording, per optimizer step, the lr of every group as it steps."""
+
+    def __init__(self):
+        import transformers
+
+        class Callback(transformers.TrainerCallback):
+            def on_optimizer_step(cb, args, state, control, optimizer=None, **kwargs):
+                self.lrs[state.global_step + 1] = [g["lr"] for g in optimizer.param_groups]
+
+        self.lrs: dict[int, list] = {}
+        self.callback = Callback()
+
+
+def _hf_run(trainer_cls, args, resume=None):
+    """Train (or resume) the fixtures' Trainer setup; (lr per step, logged (step, lr) pairs)."""
+    mf = _make_fixtures()
+    recorder = _LrRecorder()
+    trainer = mf.hf_trainer(args)
+    trainer = trainer_cls(model=trainer.model, args=args, train_dataset=trainer.train_dataset,
+                          callbacks=[recorder.callback])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    logged = {e["step"]: e["learning_rate"] for e in trainer.state.log_history
+              if "learning_rate" in e}
+    return recorder.lrs, logged
+
+
+HF_RESUMES = [
+    (HF20, dict(sets=["num_training_steps=80"]),
+     dict(per_device_train_batch_size=4, logging_steps=5)),
+    (COS8, dict(sets=["num_training_steps=24"]),
+     dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, logging_steps=2)),
+    (HF20, dict(scheduler="hf:cosine_with_min_lr(num_warmup_steps=3, num_training_steps=60, "
+                          "min_lr=1e-05)", lr=["0.002"]),
+     dict(per_device_train_batch_size=4, logging_steps=5)),
+    (HF40, dict(scheduler="CosineAnnealingLR(T_max=80, eta_min=1e-05)"),
+     dict(per_device_train_batch_size=4, logging_steps=5, max_steps=80)),
+]
+
+
+@pytest.mark.parametrize("source, options, run", HF_RESUMES,
+                         ids=["longer", "longer-epochs-ratio", "hf-spec", "torch-spec"])
+def test_the_trainer_resumes_the_rewritten_folder_on_the_new_schedule(tmp_path, source,
+                                                                     options, run):
+    """The central promise: trainer.train(resume_from_checkpoint=OUT) with the TrainingArguments
+    ckpttool printed (or the create_scheduler override it printed) gives, from its first step,
+    the lrs of a Trainer that used the new schedule from step 0, bit for bit."""
+    transformers = pytest.importorskip("transformers")
+    mf = _make_fixtures()
+    plan = ckpttool.reschedule(source, **options)
+    plan.save(tmp_path / "out")
+    step = plan.steps
+    args = mf.hf_training_args(str(tmp_path / "run"), save_strategy="no", **run)
+    args = dataclasses.replace(args, **plan.hf.training_args)
+    trainer_cls = transformers.Trainer
+    if plan.hf.custom_scheduler:  # the override exactly as printed
+        from ckpttool.render import trainer_subclass
+
+        scope = {"transformers": transformers, "lr_scheduler": torch.optim.lr_scheduler}
+        exec(trainer_subclass(plan), scope)
+        trainer_cls = scope["Trainer"]
+    fresh, fresh_logged = _hf_run(trainer_cls, args)
+    resumed, resumed_logged = _hf_run(trainer_cls, args, resume=tmp_path / "out")
+    assert min(resumed) == step + 1 and max(resumed) == max(fresh) == args.max_steps
+    assert resumed == {s: lrs for s, lrs in fresh.items() if s > step}  # bit for bit
+    later = {s: lr for s, lr in fresh_logged.items() if s > step}
+    assert later and {s: lr for s, lr in resumed_logged.items() if s > step} == later
+    # and the first resumed step is the replayed lr, not the old schedule's
+    assert resumed[step + 1] == [g.changes.get("lr", (None, g_lr))[1] for g, g_lr in zip(
+        plan.groups, [g.lr for g in plan.source.optimizers[0].groups])]
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate's shared state, reset after the test whatever happened in it."""
+    state = pytest.importorskip("accelerate.state")
+    yield
+    state.AcceleratorState._reset_state(True)
+
+
+def test_accelerate_load_state_resumes_the_rewritten_folder(tmp_path, fresh_accelerate_state):
+    """Accelerator.load_state into real objects (the fixture's model, optimizers and the new
+    schedulers, prepared in the same order) follows a torch run of the new schedule."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from torch.optim import lr_scheduler as L
+
+    mf = _make_fixtures()
+    ckpttool.reschedule(ACCELERATE, optimizer="optimizer.bin",
+                        scheduler="LinearLR(start_factor=0.5, total_iters=12)").save(tmp_path / "a")
+    ckpttool.reschedule(tmp_path / "a", optimizer="optimizer_1.bin",
+                        sets=["step_size=4"]).save(tmp_path / "b")
+
+    def optimizers(model):
+        first, last = model[0], model[2]
+        adamw = torch.optim.AdamW([{"params": [first.weight], "weight_decay": 0.01},
+                                   {"params": [first.bias], "weight_decay": 0.0}], lr=1e-3)
+        return adamw, torch.optim.SGD(last.parameters(), lr=0.05, momentum=0.9)
+
+    def schedulers(adamw, sgd):
+        return (L.LinearLR(adamw, start_factor=0.5, total_iters=12),
+                L.StepLR(sgd, step_size=4, gamma=0.5))
+
+    AcceleratorState._reset_state(True)  # a Trainer run leaves its state behind
+    accelerator = Accelerator(cpu=True)
+    accelerator.register_for_checkpointing(mf.BatchCounter())
+    model = mf.tiny_model()
+    adamw, sgd = optimizers(model)
+    model, adamw, sgd, *scheds = accelerator.prepare(model, adamw, sgd, *schedulers(adamw, sgd))
+    accelerator.load_state(str(tmp_path / "b"))
+    # The oracle: the new schedules from step 0 in plain torch, 6 steps then 10 more.
+    ref_adamw, ref_sgd = optimizers(mf.tiny_model())
+    ref_scheds = schedulers(ref_adamw, ref_sgd)
+    expected, got = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(16):
+            if i >= 6:
+                expected.append([g["lr"] for o in (ref_adamw, ref_sgd) for g in o.param_groups])
+                got.append([g["lr"] for o in (adamw, sgd) for g in o.param_groups])
+                for o in (adamw, sgd):
+                    o.step()
+                for s in scheds:
+                    s.step()
+            for o in (ref_adamw, ref_sgd):
+                o.step()
+            for s in ref_scheds:
+                s.step()
+    assert got == expected
+    # The moments came through untouched.
+    stored = torch.load(ACCELERATE / "optimizer.bin", weights_only=True)["state"]
+    loaded = adamw.state_dict()["state"]
+    for key, state in stored.items():
+        for name, value in state.items():
+            assert torch.equal(value, loaded[key][name])
