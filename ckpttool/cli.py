@@ -7,6 +7,7 @@ only here; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import sys
@@ -48,7 +49,9 @@ class _Group(click.Group):
                 traceback.print_exc()
             _error(str(e))
             code = EXIT_ERROR
-        except KeyboardInterrupt:
+        except (_Interrupted, KeyboardInterrupt):
+            if sys.stderr.isatty():  # past the ^C the terminal shows
+                click.echo(err=True)
             _error("interrupted")
             code = EXIT_ERROR
         except OSError as e:  # the machine's refusal (full disk, permissions), not a bug
@@ -71,11 +74,17 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:  # (click's own handler would print an empty line first)
+            raise _Interrupted() from None
         except BrokenPipeError:
             # The reader went away (`ckpttool show ... | head -1`): it has all it wanted. (Here,
             # before click's own handler, which would exit 1.)
             _silence_stdout()
             return EXIT_OK
+
+
+class _Interrupted(Exception):
+    """Ctrl-C, on its way from a command to :meth:`_Group.main` past click's handler."""
 
 
 def _silence_stdout() -> None:
@@ -112,6 +121,35 @@ def cli(debug: bool) -> None:
     """
 
 
+def _trust_option(command):
+    """--trust: read checkpoints whose pickle calls code-running globals (os.system, eval, ...)
+    instead of refusing them, list the calls among the findings, and warn on stderr once for
+    each such file (see serialization.trusting). Nothing from the file runs, even then."""
+
+    @functools.wraps(command)
+    def run(*args, trust: bool = False, **kwargs):
+        if not trust:
+            return command(*args, **kwargs)
+        from ckpttool.inspection import name_calls
+        from ckpttool.serialization import trusting
+
+        with trusting() as trusted:
+            try:
+                return command(*args, **kwargs)
+            finally:
+                warned: set[tuple[str, ...]] = set()
+                for path, calls in trusted:
+                    if tuple(calls) not in warned:  # (an output holds the input's calls too)
+                        warned.add(tuple(calls))
+                        _note(f"warning: --trust: {path} calls {name_calls(calls)}; ckpttool "
+                              "ran none of it, but torch.load(weights_only=False) of this file "
+                              "(or of what ckpttool writes from it) runs it")
+
+    return click.option("--trust", is_flag=True,
+                        help="Read a checkpoint whose pickle calls code (os.system, eval, ...) "
+                             "instead of refusing it; the calls are listed, never run.")(run)
+
+
 @cli.command()
 @click.argument("paths", metavar="PATH...", nargs=-1, required=True, type=click.Path())
 @click.option("--json", "as_json", is_flag=True,
@@ -123,6 +161,7 @@ def cli(debug: bool) -> None:
 @click.option("--full", is_flag=True,
               help="With several checkpoints: the full report of each, not one summary table.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_trust_option
 def show(paths: tuple[str, ...], as_json: bool, verify: bool, full: bool, quiet: bool) -> int:
     """Show the optimizer and scheduler state of checkpoints: per-group lr and initial_lr,
     scheduler class, step and arguments, and findings that would break a resume.
@@ -201,6 +240,7 @@ def show(paths: tuple[str, ...], as_json: bool, verify: bool, full: bool, quiet:
               help="List at most N items per section (default 20; JSON: all); 0: all.")
 @click.option("--json", "as_json", is_flag=True, help="Print ckpttool.diff/1 JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_trust_option
 def diff(a, b, rtol, atol, only, ignore, limit, as_json, quiet) -> int:
     """Compare two checkpoints: optimizer hyperparameters per group, scheduler fields, other
     values, and every tensor (model included).
@@ -229,8 +269,8 @@ def diff(a, b, rtol, atol, only, ignore, limit, as_json, quiet) -> int:
 
 def _new_schedule_options(command):
     """--scheduler, --set, --lr, --scale-lr, --step, --momentum: the new schedule, the same for
-    reschedule and plot (both hand them to rescheduling.reschedule), and --optimizer to choose
-    whose."""
+    reschedule and plot (both hand them to rescheduling.reschedule), and --optimizer and
+    --scheduler-state to choose whose."""
     for option in reversed([
         click.option("--scheduler", "spec", metavar="SPEC",
                      help="The new schedule: 'CosineAnnealingLR(T_max=2000)', or FILE.py:FUNC / "
@@ -246,6 +286,9 @@ def _new_schedule_options(command):
                      help="Momentum / beta1 to leave when the old schedule cycled it."),
         click.option("--optimizer", "optimizer", metavar="LOCATION",
                      help="Which optimizer, when the checkpoint holds several (see `show`)."),
+        click.option("--scheduler-state", "scheduler_state", metavar="LOCATION",
+                     help="The stored scheduler state that drives it, when the file's pairing is "
+                          "ambiguous or wrong (see `show`)."),
     ]):
         command = option(command)
     return command
@@ -257,7 +300,9 @@ def _new_schedule_options(command):
               help="Write the result here (one IN).")
 @click.option("--out-dir", type=click.Path(file_okay=False), metavar="DIR",
               help="Write each result to DIR/<name of IN> (any number of INs).")
-@click.option("--in-place", is_flag=True, help="Rewrite each IN itself (keeps IN.bak).")
+@click.option("--in-place", is_flag=True,
+              help="Rewrite each IN itself, keeping a backup: IN.bak (an HF Trainer folder: "
+                   "bak-NAME, outside the Trainer's checkpoint-* rotation).")
 @_new_schedule_options
 @click.option("--device", metavar="DEV",
               help="Device for the recompute of tensor lrs (default: where saved).")
@@ -265,16 +310,17 @@ def _new_schedule_options(command):
               help="Key for the new scheduler state when the checkpoint has none.")
 @click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output (or backup).")
-@click.option("--no-backup", is_flag=True, help="With --in-place: keep no IN.bak.")
+@click.option("--no-backup", is_flag=True, help="With --in-place: keep no backup.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print ckpttool.reschedule/1 JSON (a list of them for several INs).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--plot", "plot_path", type=click.Path(), metavar="FILE.png",
               help="Also draw the old and new lr curves, resume point marked (needs the [plot] "
                    "extra; one IN).")
+@_trust_option
 def reschedule(sources, output, out_dir, in_place, spec, sets, lrs, scale_lr, step, momentum,
-               optimizer, device, scheduler_key, dry_run, force, no_backup, as_json, quiet,
-               plot_path) -> int:
+               optimizer, scheduler_state, device, scheduler_key, dry_run, force, no_backup,
+               as_json, quiet, plot_path) -> int:
     """Rewrite the schedule or learning rates of saved runs, resume-safely.
 
     The real torch scheduler is re-stepped to the resume step, so the output holds exactly what
@@ -317,8 +363,8 @@ def reschedule(sources, output, out_dir, in_place, spec, sets, lrs, scale_lr, st
 
         plot.require_matplotlib()  # before anything is written
     options = dict(scheduler=spec, sets=sets, lr=lrs, scale_lr=scale_lr, step=step,
-                   device=device, optimizer=optimizer, momentum=momentum,
-                   scheduler_key=scheduler_key)
+                   device=device, optimizer=optimizer, scheduler_state=scheduler_state,
+                   momentum=momentum, scheduler_key=scheduler_key)
     write = dict(in_place=in_place, dry_run=dry_run, force=force, backup=not no_backup,
                  make_folders=bool(out_dir))
     if not many:
@@ -393,13 +439,16 @@ def _reschedule_one(source: str, target: str | None, options: dict, *, in_place:
     from ckpttool import rescheduling as core
 
     ckpt = inspection.load(source)
+    option = "--out-dir" if make_folders else "-o"  # the option that named target
     staged, made = None, []
     try:
         if not dry_run:
             if make_folders:
                 made = _make_folders(os.path.dirname(target))
             # the big tensor records are copied while torch loads and the replay runs
-            staged = core.start_output(ckpt, target, optimizer=options["optimizer"], force=force)
+            staged = core.start_output(ckpt, target, optimizer=options["optimizer"],
+                                       scheduler_state=options["scheduler_state"], force=force,
+                                       option=option)
         plan = core.reschedule(ckpt, progress=progress, **options)
         if plot_path:
             from ckpttool import plot
@@ -410,7 +459,8 @@ def _reschedule_one(source: str, target: str | None, options: dict, *, in_place:
         if not dry_run:
             saved = (plan.save_in_place(backup=backup, force=force, staged=staged,
                                         progress=write_progress) if in_place
-                     else plan.save(target, force=force, staged=staged, progress=write_progress))
+                     else plan.save(target, force=force, staged=staged, progress=write_progress,
+                                    option=option))
     except BaseException:
         if staged is not None:
             staged.abort()
@@ -430,8 +480,9 @@ def _reschedule_one(source: str, target: str | None, options: dict, *, in_place:
 @_new_schedule_options
 @click.option("--json", "as_json", is_flag=True, help="Print ckpttool.plot/1 JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def plot(source, output, steps, spec, sets, lrs, scale_lr, step, momentum, optimizer, as_json,
-         quiet) -> int:
+@_trust_option
+def plot(source, output, steps, spec, sets, lrs, scale_lr, step, momentum, optimizer,
+         scheduler_state, as_json, quiet) -> int:
     """Plot the lr of each param group over the whole run, the current step marked: the
     stored schedule stepped with real torch, and the new one dashed when --scheduler, --set,
     --lr, --scale-lr, --step or --momentum give one (as reschedule would make it).
@@ -450,7 +501,8 @@ def plot(source, output, steps, spec, sets, lrs, scale_lr, step, momentum, optim
     if output:
         core.require_matplotlib()
     series = core.plot_series(source, scheduler=spec, sets=sets, lr=lrs, scale_lr=scale_lr,
-                              step=step, momentum=momentum, optimizer=optimizer, steps=steps,
+                              step=step, momentum=momentum, optimizer=optimizer,
+                              scheduler_state=scheduler_state, steps=steps,
                               progress=_progress_bar("replaying", quiet=quiet))
     if output:
         core.draw_png(series, output)

@@ -69,6 +69,7 @@ from ckpttool.serialization import (
     join_location,
     opaque_class,
     read_checkpoint_range,
+    trusted_calls,
     walk,
 )
 
@@ -194,7 +195,7 @@ def _read_metadata(meta_path: str) -> tuple[dict, list[str]]:
     unpickler = _MetadataUnpickler(io.BytesIO(data))
     root = _unpickled(meta_path, unpickler, ".metadata pickle")
     named = next((g for g in unpickler.globals_seen if is_dangerous_global(g)), None)
-    if named is not None:
+    if named is not None and trusted_calls() is None:  # (trusted: inspection reports it)
         # torch.distributed.checkpoint reads .metadata with a plain pickle.load.
         raise UnsafeCheckpointError(
             f"{meta_path}: the pickle calls {named}, which would run code when "

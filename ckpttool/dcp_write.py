@@ -60,8 +60,9 @@ from typing import Any
 from ckpttool.dcp import DCPDir, StoredEntry, StoredTensor
 from ckpttool.directories import DCP_METADATA
 from ckpttool.errors import CkptToolError, InputError, StateError
-from ckpttool.folder_output import _copy, _folder_mode, _size_of
+from ckpttool.folder_output import copy_tree, finish_progress, folder_mode, size_of
 from ckpttool.serialization import (
+    CopyProgress,
     Device,
     DType,
     NewTensor,
@@ -97,14 +98,68 @@ class _New:
     tensor: bool
 
 
+@dataclass(frozen=True)
+class DCPChanges:
+    """What :func:`write_dcp` makes of a DCP folder for a new tree, known before writing.
+
+    Attributes:
+        written: the flat keys whose entries are stored anew, in the new shard.
+        removed: the flat keys of the source that the new tree no longer has.
+        shard: the new shard's name (:data:`NEW_SHARD`), None when no entry is stored anew.
+        copied: the files and folders of the source copied byte for byte, ``.metadata`` aside.
+        left_out: shards an earlier rewrite added that no entry refers to any more.
+    """
+
+    written: tuple[str, ...]
+    removed: tuple[str, ...]
+    shard: str | None
+    copied: tuple[str, ...]
+    left_out: tuple[str, ...]
+
+
+def plan_changes(source: DCPDir, root: Mapping) -> DCPChanges:
+    """What writing ``root`` (``source.root`` rewritten) as a DCP folder changes, decided by the
+    rules :func:`write_dcp` follows (flattened as dcp.save flattens; an entry kept where its
+    value is the source's), without writing or importing torch.
+
+    Raises:
+        StateError: ``root`` is not a dict, or two of its entries flatten to one key.
+
+    Example:
+        >>> src = read_dcp("fixtures/dirs/dcp/single")                      # doctest: +SKIP
+        >>> plan_changes(src, {**src.root, "scheduler": new_state}).shard   # doctest: +SKIP
+        '__ckpttool_0.distcp'
+    """
+    return _layout(source, root)[1]
+
+
+def _layout(source: DCPDir, root: Mapping) -> tuple[dict[str, tuple[tuple, _Kept | _New]],
+                                                     DCPChanges]:
+    """The entries of the new folder (:func:`_plan`) and its :class:`DCPChanges`."""
+    if not isinstance(root, Mapping):
+        raise StateError(f"a DCP checkpoint's state is a dict, not a {type(root).__name__}")
+    entries = _plan(source, root)
+    names = sorted(os.listdir(source.path))
+    used = {w.shard for e in entries.values() if isinstance(e[1], _Kept)
+            for w in _storages(e[1].where)}
+    written = tuple(k for k, (_, e) in entries.items() if isinstance(e, _New))
+    ours = [n for n in names if _NEW_SHARD.fullmatch(n) and n not in used]
+    return entries, DCPChanges(
+        written, tuple(k for k in source.entries if k not in entries),
+        _new_shard_name(names) if written else None,
+        tuple(n for n in names if n != DCP_METADATA and n not in ours), tuple(ours))
+
+
 def write_dcp(source: DCPDir, root: Mapping, pending_dir: str | os.PathLike,
               progress: Callable[[int, int], Any] | None = None) -> None:
     """Write ``root`` (``source.root`` rewritten) as a complete DCP checkpoint in the new folder
     ``pending_dir``, durably: every file of ``source`` copied byte for byte, the changed entries
-    in one new shard, a new ``.metadata`` (see the module docstring).
+    in one new shard, a new ``.metadata`` (see the module docstring and :func:`plan_changes`).
 
-    ``progress(done, total)`` follows the byte copy. ``source`` is only read. On failure
-    ``pending_dir`` may hold a partial folder, which the caller removes.
+    ``progress(done, total)`` follows the bytes written, copies and new files together, as one
+    :class:`ckpttool.serialization.CopyProgress` (at most once per 32 MB, and at the end).
+    ``source`` is only read. On failure ``pending_dir`` may hold a partial folder, which the
+    caller removes.
 
     Raises:
         StateError: ``pending_dir`` exists, or a changed value cannot be stored (an opaque
@@ -116,19 +171,13 @@ def write_dcp(source: DCPDir, root: Mapping, pending_dir: str | os.PathLike,
         >>> write_dcp(read_dcp("run/step-100"), plan.root, "run/.step-100.pending")  # doctest: +SKIP
     """
     pending_dir = os.fspath(pending_dir)
-    if not isinstance(root, Mapping):
-        raise StateError(f"a DCP checkpoint's state is a dict, not a {type(root).__name__}")
-    entries = _plan(source, root)
-    names = sorted(os.listdir(source.path))
-    shard = _new_shard_name(names)
-    shard_bytes, placed = _shard(entries, source, shard)
+    entries, changes = _layout(source, root)
+    shard_bytes, placed = _shard(entries, source, changes.shard) if changes.shard else (b"", {})
     metadata = _metadata(entries, placed, source.version)
-    used = {w.shard for e in entries.values() if isinstance(e[1], _Kept)
-            for w in _storages(e[1].where)}
-    copies = [n for n in names if n != DCP_METADATA and not (
-        _NEW_SHARD.fullmatch(n) and n not in used)]
+    copied = CopyProgress(sum(size_of(os.path.join(source.path, n)) for n in changes.copied)
+                          + len(shard_bytes) + len(metadata), progress)
     try:
-        os.mkdir(pending_dir, _folder_mode(source.path))
+        os.mkdir(pending_dir, folder_mode(source.path))
     except FileExistsError:
         raise StateError(f"{pending_dir} exists; remove it (a rewrite that was "
                          "interrupted?)") from None
@@ -136,10 +185,14 @@ def write_dcp(source: DCPDir, root: Mapping, pending_dir: str | os.PathLike,
         raise CkptToolError(f"{pending_dir}: cannot create the folder ({e.strerror or e})") \
             from None
     try:
-        _copy_files(source.path, pending_dir, copies, progress)
-        if shard_bytes:
-            _write_new(os.path.join(pending_dir, shard), shard_bytes)
+        for name in changes.copied:
+            copy_tree(os.path.join(source.path, name), os.path.join(pending_dir, name),
+                      copied.add)
+        if changes.shard:
+            _write_new(os.path.join(pending_dir, changes.shard), shard_bytes)
+            copied.add(len(shard_bytes))
         _write_new(os.path.join(pending_dir, DCP_METADATA), metadata)
+        copied.add(len(metadata))
         fsync_folder(pending_dir)
     except OSError as e:
         if e.filename and os.path.abspath(os.fspath(e.filename)).startswith(
@@ -147,6 +200,7 @@ def write_dcp(source: DCPDir, root: Mapping, pending_dir: str | os.PathLike,
             raise InputError(f"{e.filename}: cannot read: {e.strerror or e}") from None
         raise CkptToolError(f"{pending_dir}: cannot write the checkpoint folder "
                             f"({e.strerror or e}); nothing was written") from None
+    finish_progress(copied)
 
 
 def _plan(source: DCPDir, root: Mapping) -> dict[str, tuple[tuple, _Kept | _New]]:
@@ -412,25 +466,6 @@ def _properties(stored: StoredTensor, key: str) -> Any:
 # --- files -----------------------------------------------------------------------------------
 
 
-def _copy_files(src_dir: str, dst_dir: str, names: list[str],
-                progress: Callable[[int, int], Any] | None) -> None:
-    """Copy these files and folders of ``src_dir`` into ``dst_dir`` byte for byte and durably,
-    the way every checkpoint folder is copied (:mod:`ckpttool.folder_output`)."""
-    total = sum(_size_of(os.path.join(src_dir, name)) for name in names)
-    done = 0
-
-    def report(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(min(done, total), total)
-
-    for name in names:
-        _copy(os.path.join(src_dir, name), os.path.join(dst_dir, name), report, set())
-    if progress is not None:
-        progress(total, total)
-
-
 def _write_new(path: str, data: bytes) -> None:
     """A new file holding ``data``, on disk before this returns."""
     with open(path, "xb") as f:
@@ -439,4 +474,4 @@ def _write_new(path: str, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-__all__ = ["NEW_SHARD", "flatten", "write_dcp"]
+__all__ = ["NEW_SHARD", "DCPChanges", "flatten", "plan_changes", "write_dcp"]

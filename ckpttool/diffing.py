@@ -209,6 +209,21 @@ class _TensorLeaf:
     stands where another type stood."""
 
 
+class _BytesKey(str):
+    """A bytes dict key, as its repr: deepdiff cannot name a path through a bytes key (it
+    raises TypeError). Equal only to the same bytes key of the other tree."""
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is _BytesKey and str.__eq__(self, other)
+
+    def __hash__(self) -> int:
+        return hash((bytes, str(self)))
+
+
+def _key(key: Any) -> Any:
+    return _BytesKey(repr(key)) if isinstance(key, (bytes, bytearray)) else key
+
+
 def _mirror(root: Any, path: tuple, tensors: dict[tuple, TensorRef]) -> Any:
     """A copy of a tree made of plain values that deepdiff can walk, tensors replaced by
     placeholders (and collected in ``tensors`` by path), opaque objects by their content."""
@@ -223,17 +238,23 @@ def _mirror(root: Any, path: tuple, tensors: dict[tuple, TensorRef]) -> Any:
             # first path that reaches them, as ``walk`` visits it.
             if id(value) in memo:
                 return memo[id(value)]
+            # A container is memoised before its parts are copied: a pickle can make one hold
+            # itself (deepdiff keeps track of such cycles).
+            out: Any
             if isinstance(value, dict):
-                out: Any = {k: copy(v, where + (k,)) for k, v in value.items()}
+                out = memo[id(value)] = {}
+                for k, v in value.items():
+                    out[_key(k)] = copy(v, where + (k,))
             elif isinstance(value, list):
-                out = [copy(v, where + (i,)) for i, v in enumerate(value)]
+                out = memo[id(value)] = []
+                out.extend(copy(v, where + (i,)) for i, v in enumerate(value))
             elif isinstance(value, tuple):
-                out = tuple(copy(v, where + (i,)) for i, v in enumerate(value))
+                memo[id(value)] = None  # a tuple holding itself holds a list or dict between
+                out = memo[id(value)] = tuple(copy(v, where + (i,)) for i, v in enumerate(value))
             else:
-                out = {"__class__": value.dotted}
+                out = memo[id(value)] = {"__class__": value.dotted}
                 for k, v in children(value):  # keys as walk() names them
                     out[str(k)] = copy(v, where + (str(k),))
-            memo[id(value)] = out
             return out
         if isinstance(value, Marker):
             return repr(value)
@@ -284,8 +305,11 @@ def diff(a: str | os.PathLike | Checkpoint, b: str | os.PathLike | Checkpoint, *
     rules = _Rules(rtol, atol, tuple(only), tuple(ignore), ckpt_a, ckpt_b)
     tensors_a: dict[tuple, TensorRef] = {}
     tensors_b: dict[tuple, TensorRef] = {}
-    tree_a = _mirror(ckpt_a.file.root, (), tensors_a)
-    tree_b = _mirror(ckpt_b.file.root, (), tensors_b)
+    try:
+        tree_a = _mirror(ckpt_a.file.root, (), tensors_a)
+        tree_b = _mirror(ckpt_b.file.root, (), tensors_b)
+    except RecursionError:
+        raise InputError("the checkpoints nest too deeply to compare") from None
     changes = _tree_changes(tree_a, tree_b, tensors_a, tensors_b, rules)
     tensor_changes, counts = _tensor_changes(ckpt_a.file, ckpt_b.file, tensors_a, tensors_b,
                                              rules, progress)
@@ -376,12 +400,28 @@ def within(path: str, location: str) -> bool:
 
 def _tree_changes(tree_a: Any, tree_b: Any, tensors_a: dict, tensors_b: dict,
                   rules: _Rules) -> list[Change]:
+    import logging
+
     from deepdiff import DeepDiff
 
+    # deepdiff logs (to stderr, with no handler configured) about keys whose repr it cannot
+    # parse back, e.g. an opaque value; ckpttool's paths use the list form, which has no such
+    # trouble, and stderr is for ckpttool's one-line errors.
+    deepdiff_log = logging.getLogger("deepdiff")
+    level = deepdiff_log.level
+    deepdiff_log.setLevel(logging.CRITICAL + 1)
+    try:
+        return _deepdiff_changes(DeepDiff, tree_a, tree_b, tensors_a, tensors_b, rules)
+    finally:
+        deepdiff_log.setLevel(level)
+
+
+def _deepdiff_changes(deepdiff: Any, tree_a: Any, tree_b: Any, tensors_a: dict,
+                      tensors_b: dict, rules: _Rules) -> list[Change]:
     try:
         # threshold_to_diff_deeper=0: keys added and removed one by one, however few two
         # dicts share (deepdiff would otherwise call two such dicts one changed value)
-        found = DeepDiff(tree_a, tree_b, view="tree", verbose_level=2,
+        found = deepdiff(tree_a, tree_b, view="tree", verbose_level=2,
                          threshold_to_diff_deeper=0)
     except RecursionError:
         raise InputError("the checkpoints nest too deeply to compare") from None

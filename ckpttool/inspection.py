@@ -37,7 +37,9 @@ from ckpttool.serialization import (
     TorchFile,
     dotted_name,
     is_dangerous_global,
+    name_calls,
     scalar_value,
+    trusted_calls,
     walk,
 )
 
@@ -657,13 +659,22 @@ def _logged_findings(sched: SchedulerReport) -> list[Finding]:
             f"all {check.checked} learning_rate values logged in log_history equal a clean "
             f"replay of {call} ({rule}){skipped}")]
     step, logged, replayed = check.first_mismatch
+    if sched.verify.identical:
+        # The state resumes as the named schedule; the log is history, e.g. of the schedule
+        # the run had before `ckpttool reschedule` changed it.
+        severity, hint = "warning", (
+            "the stored state follows this schedule, so a resume is unaffected; the logged lrs "
+            "come from another schedule: the one the run had before it was changed (as "
+            "`ckpttool reschedule` does), or trainer_state.json comes from another run")
+    else:
+        severity, hint = "error", (
+            "trainer_state.json was edited, or comes from another run or settings than "
+            "scheduler.pt and training_args.bin; take all three from one checkpoint-N folder")
     return [Finding(
-        "hf-logged-lr-mismatch", "error", HF_STATE_FILE,
+        "hf-logged-lr-mismatch", severity, HF_STATE_FILE,
         f"log_history step {int_text(step)} logged learning_rate {logged!r}, a clean replay of "
         f"{call} gives {replayed!r} ({rule}); {check.mismatches} of {check.checked} logged "
-        f"lrs differ{skipped}",
-        "trainer_state.json was edited, or comes from another run or settings than "
-        "scheduler.pt and training_args.bin; take all three from one checkpoint-N folder")]
+        f"lrs differ{skipped}", hint)]
 
 
 # --- the entry point -------------------------------------------------------------------------
@@ -740,16 +751,23 @@ def inspect_file(file: TorchFile, *, verify: bool = False,
         UnsafeCheckpointError: the pickle calls code-running globals (nothing was run).
         InputError: tensor data the report needs is missing or damaged.
     """
-    dangerous = _dangerous_calls(file.root)
-    if dangerous or any(is_dangerous_global(g) for g in file.globals_seen):
-        named = dangerous[0] if dangerous else next(
-            g for g in file.globals_seen if is_dangerous_global(g))
-        raise UnsafeCheckpointError(
-            f"{file.path}: the pickle calls {named}, which would run code on "
-            "torch.load(weights_only=False); nothing was executed. Do not load this file")
+    dangerous = list(dict.fromkeys(_dangerous_calls(file.root))) or list(dict.fromkeys(
+        g for g in file.globals_seen if is_dangerous_global(g)))
+    findings: list[Finding] = []
+    if dangerous:
+        named = name_calls(dangerous)
+        trusted = trusted_calls()
+        if trusted is None:
+            raise UnsafeCheckpointError(
+                f"{file.path}: the pickle calls {named}, which would run code on "
+                "torch.load(weights_only=False); nothing was executed. Do not load this file")
+        trusted.append((file.path, dangerous))
+        findings.append(Finding(
+            "unsafe-pickle", "error", "",
+            f"the pickle calls {named}: torch.load(weights_only=False) of this file runs it",
+            "load it only if you trust where it comes from (--trust: ckpttool ran none of it)"))
     values = _Values(file)
     lay = layout.locate(file, plain=values.evidence)
-    findings: list[Finding] = []
     # One entry per state found (None: unreadable), so that pairings index them.
     described = [_guarded(findings, site.location, "optimizer", _describe_optimizer, site,
                           values) for site in lay.optimizers]

@@ -143,7 +143,8 @@ def plot_series(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None
                 sets: list[str] | tuple[str, ...] = (), lr: list[str] | tuple[str, ...] = (),
                 scale_lr: float | None = None, step: int | None = None,
                 momentum: float | None = None, optimizer: str | None = None,
-                steps: int | None = None, progress: Callable | None = None) -> PlotSeries:
+                scheduler_state: str | None = None, steps: int | None = None,
+                progress: Callable | None = None) -> PlotSeries:
     """The lr curves of a checkpoint's schedule, stepped with the real torch scheduler.
 
     Without a change the stored schedule alone; with ``scheduler`` / ``sets`` / ``lr`` /
@@ -152,7 +153,8 @@ def plot_series(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None
 
     Args:
         source: a checkpoint path, or a :class:`ckpttool.Checkpoint`.
-        scheduler, sets, lr, scale_lr, momentum, optimizer: as for :func:`ckpttool.reschedule`.
+        scheduler, sets, lr, scale_lr, momentum, optimizer, scheduler_state: as for
+            :func:`ckpttool.reschedule`.
         step: where the new schedule resumes, as for :func:`ckpttool.reschedule` (default: the
             stored step); not the end of the picture, which is ``steps``.
         steps: draw steps 0 to ``steps`` (default: the schedule's own horizon).
@@ -176,10 +178,11 @@ def plot_series(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None
             or momentum is not None):
         plan = rescheduling.reschedule(ckpt, scheduler=scheduler, sets=sets, lr=lr,
                                        scale_lr=scale_lr, step=step, momentum=momentum,
-                                       optimizer=optimizer, progress=progress)
+                                       optimizer=optimizer, scheduler_state=scheduler_state,
+                                       progress=progress)
         return plan_series(plan, steps=steps, progress=progress)
-    opt = rescheduling._choose_optimizer(ckpt, optimizer)
-    old = rescheduling._paired_scheduler(ckpt, opt)
+    chosen = rescheduling.choose_states(ckpt, optimizer, scheduler_state)
+    opt, old = chosen.optimizer, chosen.scheduler
     if old is None:
         raise StateError(f"{ckpt.path}: {opt.location} has no scheduler to plot; give one with "
                          "--scheduler SPEC to see it")
@@ -198,16 +201,13 @@ def plan_series(plan: Any, *, steps: int | None = None,
         >>> s.old.lrs[0][0], s.new.lrs[0][0], s.resume
         (0.001, 0.0005, 16)
     """
-    from ckpttool import rescheduling
-
     if plan.semantics != "replay":
         raise ReplayError(f"{plan.source.path}: {plan.old_call} cannot be replayed (its steps "
                           "follow metric values that are not stored), so it has no curve to "
                           "plot")
     ckpt = plan.source
-    opt = ckpt.optimizer(plan.optimizer)
-    old = rescheduling._paired_scheduler(ckpt, opt)
-    return _series(ckpt, opt, old, plan, steps, progress)
+    return _series(ckpt, ckpt.optimizer(plan.optimizer), plan.old_scheduler, plan, steps,
+                   progress)
 
 
 @dataclass
@@ -248,7 +248,7 @@ def _series(ckpt: Checkpoint, opt: Any, old: Any, plan: Any, steps: int | None,
             built.append(_Built("stored", call, old.info, named, stand_in, sched,
                                 replay_steps(state, old.info)))
     if plan is not None:
-        stand_in, sched = plan._rebuild()
+        stand_in, sched = plan.rebuild()
         _leave_momentum(plan, stand_in, sched)
         built.append(_Built("new", plan.new_call, plan.info, _named(plan.factory_text), stand_in,
                             sched, plan.steps))
@@ -339,7 +339,7 @@ def _leave_momentum(plan: Any, stand_in: Any, sched: Any) -> None:
     one. A run with that schedule from step 0 had it all along."""
     from ckpttool import rescheduling
 
-    if rescheduling._cycles(plan.info, sched):
+    if rescheduling.cycles_momentum(plan.info, sched):
         return
     node = plan.root
     for key in plan.optimizer_path + ("param_groups",):

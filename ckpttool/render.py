@@ -449,7 +449,9 @@ def reschedule_text(plan: Any, saved: Any = None) -> str:
     if removed:
         lines.append(f"  removed from the groups: {', '.join(removed)}")
     lines += ["", f"[{plan.scheduler}] {plan.old_call or '(none)'}", f"  -> {plan.new_call}"]
-    if plan.rewritten is not None:
+    if plan.dcp is not None:
+        lines += ["", dcp_rewritten_text(plan.dcp)]
+    elif plan.rewritten is not None:
         edits = ", ".join(f"{k} {_text(a)} -> {_text(b)}"
                           for k, (a, b) in (plan.hf.trainer_state.items() if plan.hf else ()))
         files = ", ".join(f"{name} ({edits})" if name == "trainer_state.json" and edits else name
@@ -464,9 +466,42 @@ def reschedule_text(plan: Any, saved: Any = None) -> str:
             f"replay bit for bit for the next {saved.verified_steps} steps"
             if saved.verified_steps else f"verified: {saved.path} reads back as planned")
     if saved is not None and saved.backup:
-        lines.append(f"backup: the original is now {saved.backup}")
+        why = f" ({saved.backup_why})" if saved.backup_why else ""
+        lines.append(f"backup: the original is now {saved.backup}{why}")
     target = saved.path if saved is not None else "OUT"
     return "\n".join(lines + _resume_lines(plan, target)) + "\n"
+
+
+# Entries a DCP folder's line names before it counts the rest.
+DCP_ENTRIES_SHOWN = 4
+
+
+def dcp_rewritten_text(changes: Any) -> str:
+    """What a reschedule changes in a DCP folder, in one line (from a
+    :class:`ckpttool.dcp_write.DCPChanges`).
+
+    Example:
+        >>> from ckpttool.dcp_write import DCPChanges
+        >>> dcp_rewritten_text(DCPChanges(("optim.param_groups.0.lr", "scheduler.T_max"), (),
+        ...                               "__ckpttool_0.distcp", ("__0_0.distcp",), ()))
+        '[dcp folder] rewritten: 2 entries (optim.param_groups.0.lr, scheduler.T_max) in a new shard __ckpttool_0.distcp, a new .metadata; every shard copied byte for byte'
+    """
+    def some(keys: tuple[str, ...]) -> str:
+        shown = ", ".join(keys[:DCP_ENTRIES_SHOWN])
+        more = len(keys) - DCP_ENTRIES_SHOWN
+        return f"{shown}, and {more} more" if more > 0 else shown
+
+    new = (f"{len(changes.written)} {'entry' if len(changes.written) == 1 else 'entries'} "
+           f"({some(changes.written)}) in a new shard {changes.shard}, " if changes.written
+           else "")
+    line = f"[dcp folder] rewritten: {new}a new .metadata"
+    if changes.removed:
+        n = len(changes.removed)
+        line += f"; {n} {'entry' if n == 1 else 'entries'} dropped ({some(changes.removed)})"
+    if changes.left_out:
+        return (line + "; every other shard copied byte for byte (" + ", ".join(changes.left_out)
+                + ", added by an earlier rewrite and no longer used, left out)")
+    return line + "; every shard copied byte for byte"
 
 
 def _resume_lines(plan: Any, target: str) -> list[str]:
@@ -538,7 +573,8 @@ def reschedule_summary_text(entries: list[tuple[str, str | None, Any, Any]], *,
     ``(input, output, plan, saved)``, plan None for an input that failed), the notes, a count.
     """
     rows, notes = [], []
-    written = failed = backups = 0
+    written = failed = 0
+    backups: list[str] = []
     for source, output, plan, saved in entries:
         if plan is None:
             failed += 1
@@ -551,7 +587,8 @@ def reschedule_summary_text(entries: list[tuple[str, str | None, Any, Any]], *,
               else f"{compact_lrs(stored)} -> {compact_lrs(new)}")
         if saved is not None:
             written += 1
-            backups += saved.backup is not None
+            if saved.backup is not None:
+                backups.append(saved.backup)
             result = "verified" if saved.verified_steps else "written"
         else:
             result = "planned"
@@ -562,8 +599,14 @@ def reschedule_summary_text(entries: list[tuple[str, str | None, Any, Any]], *,
     if dry_run:
         count.append(f"{len(entries) - failed} planned (dry run: nothing written)")
     else:
-        count.append(f"{written} written and verified"
-                     + (", each original kept as its .bak" if backups else ""))
+        kept = ""
+        if backups and all(b.endswith(".bak") for b in backups):
+            kept = ", each original kept as its .bak"
+        elif len(backups) == 1:
+            kept = f", the original kept as {backups[0]}"
+        elif backups:
+            kept = ", each original kept as a backup (bak-NAME for an HF Trainer folder)"
+        count.append(f"{written} written and verified{kept}")
     if failed:
         count.append(f"{failed} failed (nothing written for {'it' if failed == 1 else 'them'})")
     return "\n".join(_table([RESCHEDULE_SUMMARY_HEADER, *rows], indent="") + notes

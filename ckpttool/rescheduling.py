@@ -22,6 +22,7 @@ import os
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 from ckpttool import hf_resume, inspection
@@ -29,7 +30,14 @@ from ckpttool.directories import FOLDER_KINDS, read_any
 from ckpttool.errors import CkptToolError, ReplayError, StateError
 from ckpttool.hf_resume import HFResume
 from ckpttool.inspection import Checkpoint, OptimizerInfo, SchedulerReport
-from ckpttool.schedulers import SCHEDULER_SET_KEYS, SchedulerInfo, format_call, replay_steps, same
+from ckpttool.schedulers import (
+    SCHEDULER_SET_KEYS,
+    SchedulerInfo,
+    format_call,
+    identify_scheduler,
+    replay_steps,
+    same,
+)
 from ckpttool.serialization import TensorRef
 
 RESCHEDULE_SCHEMA = "ckpttool.reschedule/1"
@@ -78,6 +86,18 @@ class Rescheduled:
     expected: list = field(repr=False, default_factory=list)
     _rebuild: Callable | None = field(repr=False, default=None)
     hf: HFResume | None = None  # an HF Trainer folder: the TrainingArguments to resume with
+    old_scheduler: SchedulerReport | None = field(repr=False, default=None)  # the stored one
+
+    def rebuild(self) -> tuple[Any, Any] | None:
+        """A fresh (stand-in optimizer, new scheduler) pair at step 0, built as the replay
+        built it (the same groups and base lrs, the new schedule); stepping it N times gives
+        the planned state. None for ReduceLROnPlateau changed in place (nothing is replayed).
+
+        Example:
+            >>> plan = reschedule("fixtures/adamw_cosine.pt", sets=["T_max=80"])  # doctest: +SKIP
+            >>> optimizer, scheduler = plan.rebuild()                             # doctest: +SKIP
+        """
+        return self._rebuild() if self._rebuild is not None else None
 
     @property
     def changed(self) -> bool:
@@ -91,21 +111,39 @@ class Rescheduled:
 
     @property
     def rewritten(self) -> tuple[str, ...] | None:
-        """The files of an HF Trainer or accelerate folder that the rewrite changes (every other
-        file is copied byte for byte); None for a file or a DCP folder."""
+        """The files of a checkpoint folder that the rewrite writes anew (every other file is
+        copied byte for byte): an HF Trainer or accelerate folder's rewritten files, a DCP
+        folder's ``.metadata`` and new shard (:attr:`dcp`); None for a file."""
+        if self.dcp is not None:
+            from ckpttool.directories import DCP_METADATA
+
+            return (DCP_METADATA,) + ((self.dcp.shard,) if self.dcp.shard else ())
         if self.source.kind not in ("hf-trainer", "accelerate"):
             return None
         return tuple(name for name, member in self.source.file.members.items()
                      if self.root[name] is not member.root)
 
+    @cached_property
+    def dcp(self) -> Any:
+        """For a DCP folder, what the rewrite changes in it (a
+        :class:`ckpttool.dcp_write.DCPChanges`: the entries stored anew in a new shard, those
+        dropped, the shards copied), decided as the writer decides, without writing; None for
+        any other kind."""
+        if self.source.kind != "dcp":
+            return None
+        from ckpttool.dcp_write import plan_changes
+
+        return plan_changes(self.source.file, self.root)
+
     def save(self, path: str | os.PathLike, *, force: bool = False,
              verify_steps: int = DEFAULT_VERIFY_STEPS, progress=None,
-             staged: Any = None) -> SaveResult:
+             staged: Any = None, option: str = "-o") -> SaveResult:
         """Write the rewritten checkpoint to ``path`` and verify the resume, atomically.
 
         The file is written beside ``path`` under a hidden name, verified there, and only then
         renamed to ``path``: a failed write or verification leaves ``path`` as it was (absent,
-        or the file ``force`` would have replaced). ``staged`` is the
+        or the file ``force`` would have replaced). ``option`` is the command-line option that
+        named ``path`` (``-o``, ``--out-dir``), for the messages. ``staged`` is the
         :class:`ckpttool.serialization.StagedWrite` that :func:`start_output` began before the
         replay, so that the big tensor records were being copied meanwhile.
 
@@ -114,7 +152,7 @@ class Rescheduled:
                 file does not resume as replayed; in every case nothing is left behind.
         """
         path = os.fspath(path)
-        _check_output(self.source, path, force)
+        _check_output(self.source, path, force, option)
         verified = self._write_verified(pending_path(path), verify_steps, progress, staged)
         path = os.path.realpath(path)
         if self.is_folder:  # an existing folder (--force) is renamed aside, then removed
@@ -154,11 +192,14 @@ class Rescheduled:
     def save_in_place(self, *, backup: bool = True, force: bool = False,
                       staged: Any = None, progress=None) -> SaveResult:
         """Rewrite the source file (or folder) itself: the new one is written and verified
-        beside it, then the source becomes ``SOURCE.bak`` (unless ``backup=False``) and the new
-        one takes its name. At every moment one complete copy of the data exists under a known
-        name."""
+        beside it, then the source becomes its backup (unless ``backup=False``:
+        ``SOURCE.bak``, or for a checkpoint folder a name its framework does not take for a
+        checkpoint, :func:`ckpttool.folder_output.backup_path`) and the new one takes its name.
+        At every moment one complete copy of the data exists under a known name."""
+        from ckpttool.folder_output import backup_path
+
         src = os.path.realpath(self.source.path)  # through a symlink: rewrite its target
-        bak = src + ".bak"
+        bak, why = backup_path(self.source.kind, src)
         if backup and os.path.lexists(bak) and not force:
             raise StateError(f"{bak} exists; pass --force to replace that backup, or move it")
         pending = pending_path(src)
@@ -168,7 +209,7 @@ class Rescheduled:
             check_free(pending, aside_path(src), aside_path(bak))
             verified = self._write_verified(pending, DEFAULT_VERIFY_STEPS, progress, None)
             publish(pending, src, keep=bak if backup else None)
-            return SaveResult(src, verified, bak if backup else None)
+            return SaveResult(src, verified, bak if backup else None, why if backup else None)
         verified = self._write_verified(pending, DEFAULT_VERIFY_STEPS, progress, staged)
         try:
             if backup:
@@ -227,6 +268,9 @@ class Rescheduled:
             "load_order": LOAD_ORDER,
             "rewritten": list(rewritten) if rewritten is not None else None,
             "hf": hf_resume_dict(self) if self.hf is not None else None,
+            "dcp": ({"written": list(self.dcp.written), "removed": list(self.dcp.removed),
+                     "shard": self.dcp.shard, "copied": list(self.dcp.copied),
+                     "left_out": list(self.dcp.left_out)} if self.dcp is not None else None),
         }
 
 
@@ -250,7 +294,9 @@ def _fsync_folder_of(path: str) -> None:
     fsync_folder(os.path.dirname(os.path.abspath(path)))
 
 
-def _check_output(source: Checkpoint, path: str, force: bool) -> None:
+def _check_output(source: Checkpoint, path: str, force: bool, option: str = "-o") -> None:
+    """Refuse an output that is the input, inside or around an input folder, or exists
+    (without ``force``); ``option`` named it on the command line."""
     out, src = os.path.realpath(path), os.path.realpath(source.path)
     if out == src:
         raise StateError("the output is the input; use --in-place (it keeps a backup)")
@@ -260,9 +306,10 @@ def _check_output(source: Checkpoint, path: str, force: bool) -> None:
                              "folder outside it")
         if src.startswith(out + os.sep):
             raise StateError(f"{path} contains the input {source.path}; replacing it would "
-                             "remove the input: choose another -o")
+                             f"remove the input: choose another {option}")
     if os.path.exists(path) and not force:
-        raise StateError(f"{path} exists; pass --force to overwrite it, or choose another -o")
+        raise StateError(f"{path} exists; pass --force to overwrite it, or choose another "
+                         f"{option}")
     if source.kind in FOLDER_KINDS:
         from ckpttool.folder_output import aside_path, check_free
 
@@ -270,24 +317,27 @@ def _check_output(source: Checkpoint, path: str, force: bool) -> None:
 
 
 def start_output(source: Checkpoint, path: str | os.PathLike, *, optimizer: str | None = None,
-                 force: bool = False) -> Any:
+                 scheduler_state: str | None = None, force: bool = False,
+                 option: str = "-o") -> Any:
     """Start copying the tensor records that a reschedule of ``optimizer`` cannot change into
     the file that will become ``path`` (or, for ``--in-place``, the source), before the replay (which imports torch) runs; pass the result to
     :meth:`Rescheduled.save`. None where nothing can be staged (a legacy file; no storages).
 
     The records kept are the input's storages, in the order its pickle names them, up to the
-    first one inside the param groups or the scheduler that the rewrite replaces.
+    first one inside the param groups or the scheduler that the rewrite replaces
+    (``optimizer`` and ``scheduler_state`` as for :func:`reschedule`; ``option`` as for
+    :meth:`Rescheduled.save`).
     """
     from ckpttool.serialization import StagedWrite, TensorRef, walk
 
     path = os.fspath(path)
     if os.path.realpath(path) != os.path.realpath(source.path):  # --in-place passes the source
-        _check_output(source, path, force)
+        _check_output(source, path, force, option)
     file = source.file
     if source.kind in FOLDER_KINDS or file.kind != "torch-zip" or not file.storage_order:
         return None
-    opt = _choose_optimizer(source, optimizer)
-    sched = _paired_scheduler(source, opt)
+    chosen = choose_states(source, optimizer, scheduler_state)
+    opt, sched = chosen.optimizer, chosen.scheduler
     paths = _state_paths(source)
     changing: set[str] = set()
     for subtree in [paths[opt.location] + ("param_groups",)] + (
@@ -312,10 +362,86 @@ class SaveResult:
     path: str
     verified_steps: int
     backup: str | None = None  # --in-place: where the original now is
+    backup_why: str | None = None  # why the backup is not named SOURCE.bak
 
 
 LOAD_ORDER = ("optimizer = Opt(params, ...); scheduler = <new constructor line>(optimizer); "
               "optimizer.load_state_dict(ckpt[...]); scheduler.load_state_dict(ckpt[...])")
+
+
+@dataclass(frozen=True)
+class ChosenStates:
+    """The optimizer a reschedule rewrites and the stored scheduler state that drives it.
+
+    Attributes:
+        optimizer: the optimizer's report.
+        scheduler: the scheduler state's report (None: the optimizer has none), identified
+            against the chosen optimizer's groups.
+        notes: what a choice overrode (a pairing the file suggested otherwise, other
+            schedulers paired with this optimizer, left as stored).
+    """
+
+    optimizer: OptimizerInfo
+    scheduler: SchedulerReport | None
+    notes: tuple[str, ...] = ()
+
+
+def choose_states(ckpt: Checkpoint, optimizer: str | None = None,
+                  scheduler_state: str | None = None) -> ChosenStates:
+    """Which optimizer to rewrite and which stored scheduler state drives it: the one
+    optimizer, or the one at ``optimizer``; its scheduler as the file pairs them
+    (:func:`ckpttool.layout.pair_schedulers`), or the state at ``scheduler_state``, which
+    overrides that pairing (a Lightning checkpoint stores none: its lists are parallel by
+    convention only). With ``scheduler_state`` alone, its optimizer is the one it is paired
+    with.
+
+    Raises:
+        StateError: naming the option to pass: several optimizers and no choice; a pairing
+            the file leaves ambiguous; several schedulers paired with the optimizer; no state
+            at a location; a scheduler state whose group count is not the optimizer's.
+
+    Example:
+        >>> ckpt = ckpttool.load("fixtures/dirs/lightning/two_optimizers.ckpt")   # doctest: +SKIP
+        >>> chosen = choose_states(ckpt, scheduler_state="lr_schedulers/1")       # doctest: +SKIP
+        >>> chosen.optimizer.location, chosen.scheduler.cls                       # doctest: +SKIP
+        ('optimizer_states/1', 'StepLR')
+    """
+    if scheduler_state is None:
+        opt = _choose_optimizer(ckpt, optimizer)
+        return ChosenStates(opt, _paired_scheduler(ckpt, opt))
+    sched = next((s for s in ckpt.schedulers if s.location == scheduler_state), None)
+    if sched is None:
+        listed = ", ".join(s.location or "?" for s in ckpt.schedulers) or "none"
+        raise StateError(f"{ckpt.path}: no scheduler state at --scheduler-state "
+                         f"{scheduler_state!r}; scheduler states: {listed}")
+    if optimizer is None and len(ckpt.optimizers) > 1:
+        if sched.optimizer is None:
+            raise StateError(f"{ckpt.path}: --scheduler-state {sched.location} is paired with "
+                             f"no optimizer ({sched.pairing}); say which one it drives with "
+                             "--optimizer LOCATION")
+        optimizer = sched.optimizer
+    opt = _choose_optimizer(ckpt, optimizer)
+    groups = len(opt.state["param_groups"])
+    count = _group_count(sched)
+    if count is not None and count != groups:
+        raise StateError(f"{ckpt.path}: --scheduler-state {sched.location} holds lrs for "
+                         f"{_plural(count, 'param group')} and {opt.location} has {groups}: it "
+                         f"cannot drive it; choose the scheduler state of {opt.location} "
+                         "(`ckpttool show` lists which drives which)")
+    notes = []
+    if sched.optimizer != opt.location:
+        was = (f"paired with {sched.optimizer} by {sched.pairing}" if sched.optimizer
+               else f"not paired ({sched.pairing})")
+        notes.append(f"{sched.location} was {was}; rescheduled as the scheduler of "
+                     f"{opt.location}, as --scheduler-state chose")
+        sched = replace(sched, optimizer=opt.location, pairing="--scheduler-state",
+                        info=identify_scheduler(sched.state, list(opt.state["param_groups"])))
+    others = [s.location for s in ckpt.schedulers if s.location != sched.location and (
+        s.optimizer == opt.location or _may_drive(s, opt))]
+    if others:
+        notes.append(f"{', '.join(map(str, others))} {'is' if len(others) == 1 else 'are'} "
+                     f"also paired (or may be) with {opt.location}; left as stored")
+    return ChosenStates(opt, sched, tuple(notes))
 
 
 def _choose_optimizer(ckpt: Checkpoint, location: str | None) -> OptimizerInfo:
@@ -326,7 +452,8 @@ def _choose_optimizer(ckpt: Checkpoint, location: str | None) -> OptimizerInfo:
         try:
             return ckpt.optimizer(location)
         except KeyError:
-            raise StateError(f"{ckpt.path}: no optimizer at {location!r}; optimizers: "
+            raise StateError(f"{ckpt.path}: no optimizer at --optimizer {location!r}; "
+                             "optimizers: "
                              + ", ".join(o.location for o in ckpt.optimizers)) from None
     if len(ckpt.optimizers) > 1:
         raise StateError(f"{ckpt.path} holds {len(ckpt.optimizers)} optimizers ("
@@ -336,17 +463,41 @@ def _choose_optimizer(ckpt: Checkpoint, location: str | None) -> OptimizerInfo:
 
 
 def _paired_scheduler(ckpt: Checkpoint, opt: OptimizerInfo) -> SchedulerReport | None:
-    unsure = [s for s in ckpt.schedulers if s.optimizer is None
-              and (s.pairing or "").startswith("ambiguous") and opt.location in s.pairing]
+    """The scheduler the file pairs with ``opt``, or None; refused where that is unclear."""
+    unsure = [s for s in ckpt.schedulers if _may_drive(s, opt)]
+    mine = [s for s in ckpt.schedulers if s.optimizer == opt.location]
     if unsure:
+        candidates = ", ".join(str(s.location) for s in mine + unsure)
         raise StateError(f"{ckpt.path}: scheduler {unsure[0].location} could drive "
                          f"{unsure[0].pairing.removeprefix('ambiguous: ')}; the file does not "
-                         "say which, so ckpttool will not guess")
-    mine = [s for s in ckpt.schedulers if s.optimizer == opt.location]
+                         "say which, so ckpttool will not guess: name the scheduler state of "
+                         f"{opt.location} with --scheduler-state LOCATION ({candidates})")
     if len(mine) > 1:
-        raise StateError(f"{ckpt.path}: several schedulers drive {opt.location} ("
-                         + ", ".join(s.location for s in mine) + "); not supported yet")
+        raise StateError(f"{ckpt.path}: several schedulers are paired with {opt.location} ("
+                         + ", ".join(str(s.location) for s in mine) + "); choose the one to "
+                         "rewrite with --scheduler-state LOCATION (schedulers that step one "
+                         "optimizer together cannot be replayed one by one)")
     return mine[0] if mine else None
+
+
+def _may_drive(sched: SchedulerReport, opt: OptimizerInfo) -> bool:
+    """``sched`` is ambiguous between optimizers, ``opt`` one of them."""
+    return (sched.optimizer is None and (sched.pairing or "").startswith("ambiguous")
+            and opt.location in sched.pairing.removeprefix("ambiguous: ").replace(
+                " or ", ", ").split(", "))
+
+
+def _group_count(sched: SchedulerReport) -> int | None:
+    """How many param groups a scheduler state holds lrs for (its first child's, for a
+    SequentialLR / ChainedScheduler), None where it does not say."""
+    for values in (sched.base_lrs, sched.last_lr):
+        if values is not None:
+            return len(values)
+    return next((n for c in sched.children if (n := _group_count(c)) is not None), None)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _set_at(root: Any, path: tuple, value: Any) -> Any:
@@ -382,8 +533,8 @@ def reschedule(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None,
                sets: list[str] | tuple[str, ...] = (), lr: list[str] | tuple[str, ...] = (),
                scale_lr: float | None = None, step: int | None = None,
                device: str | None = None, optimizer: str | None = None,
-               momentum: float | None = None, scheduler_key: str = "scheduler",
-               progress=None) -> Rescheduled:
+               scheduler_state: str | None = None, momentum: float | None = None,
+               scheduler_key: str = "scheduler", progress=None) -> Rescheduled:
     """Plan the rewrite of a checkpoint's schedule by replaying the real torch scheduler.
 
     Args:
@@ -397,6 +548,8 @@ def reschedule(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None,
         step: the resume position (default: the stored one).
         device: where tensor lrs are re-stepped (default: where they were saved, else cpu).
         optimizer: the optimizer's location when the checkpoint holds several.
+        scheduler_state: the location of the stored scheduler state that drives it, where the
+            file's pairing is ambiguous or wrong (see :func:`choose_states`).
         momentum: the momentum / beta1 to leave when the new schedule no longer cycles it.
         scheduler_key: the key for a new scheduler state when the checkpoint has none.
         progress: ``progress(done, total)`` during long replays.
@@ -416,12 +569,12 @@ def reschedule(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None,
         from ckpttool.folder_output import dcp_writer
 
         dcp_writer(ckpt.path)
-    opt = _choose_optimizer(ckpt, optimizer)
-    old = _paired_scheduler(ckpt, opt)
+    chosen = choose_states(ckpt, optimizer, scheduler_state)
+    opt, old = chosen.optimizer, chosen.scheduler
     file = ckpt.file
     groups = schedule.materialize(list(opt.state["param_groups"]), file)
     old_state = schedule.materialize(old.state, file) if old is not None else None
-    notes: list[str] = []
+    notes: list[str] = list(chosen.notes)
 
     # The target schedule: a SPEC, a factory, or the stored one (an HF Trainer's LambdaLR: the
     # hf: schedule its folder names); then --set.
@@ -518,7 +671,7 @@ def reschedule(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None,
                         if isinstance(g.get("lr"), TensorRef)), None)
     new_state = _to_tree(sched.state_dict(), lr_location)
     cycled_before = any("max_momentum" in g for g in opt.state["param_groups"])
-    cycles_now = _cycles(target, sched)
+    cycles_now = cycles_momentum(target, sched)
     overridden = cycled_before and not cycles_now and momentum is not None
     if overridden:  # the run with the new schedule keeps this momentum from here on
         for g in stand_in.param_groups:
@@ -582,7 +735,7 @@ def reschedule(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None,
                        old_call, new_call, "replay", step, tuple(changes),
                        old.state if old else None, new_state, tuple(notes), root, target,
                        scheduler if isinstance(scheduler, str) and target is None else None,
-                       opt_path, sched_path, expected, rebuild, hf)
+                       opt_path, sched_path, expected, rebuild, hf, old)
 
 
 def _check_named_schedule(ckpt: Checkpoint, opt: OptimizerInfo, old: SchedulerReport,
@@ -718,7 +871,16 @@ def _rebuilder(opt_cls: str, groups: list, target: SchedulerInfo | None,
     return rebuild
 
 
-def _cycles(target: SchedulerInfo | None, sched: Any) -> bool:
+def cycles_momentum(target: SchedulerInfo | None, sched: Any) -> bool:
+    """Whether a new schedule cycles the momentum (or beta1) of its groups: from its SPEC
+    (``target``), or, for a factory's scheduler (``target`` None), from the torch scheduler
+    ``sched`` itself (OneCycleLR / CyclicLR with ``cycle_momentum``).
+
+    Example:
+        >>> cycles_momentum(SchedulerInfo("OneCycleLR", {"max_lr": 0.1, "total_steps": 10,
+        ...                                              "cycle_momentum": True}), None)
+        True
+    """
     if target is not None:
         return target.cycles_momentum
     return bool(getattr(sched, "cycle_momentum", False))
@@ -843,4 +1005,4 @@ def _plateau_in_place(ckpt, opt, old, groups, old_state, target, lr, scale_lr, n
     return Rescheduled(ckpt, opt.location, old.location, old.call, format_call(target),
                        "plateau-in-place", int(old_state.get("last_epoch", 0)), tuple(changes),
                        old.state, new_state, tuple(notes), root, target, None,
-                       paths[opt.location], sched_path, [], None)
+                       paths[opt.location], sched_path, [], None, None, old)

@@ -765,7 +765,12 @@ _RESUME_KEYS = ("lr", "momentum", "betas")
 def move_tensors(value: Any, device: str) -> Any:
     """A copy of a (materialised) tree with its tensors on ``device``."""
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        try:
+            return value.to(device)
+        except RuntimeError as e:  # a device torch does not know, or not usable here
+            detail = " ".join(str(e).split())[:120]
+            raise ReplayError(f"cannot re-step the lr tensors on device {device!r} ({detail}); "
+                              "pass --device cpu") from None
     if isinstance(value, Mapping):
         out = {k: move_tensors(v, device) for k, v in value.items()}
         return type(value)(out) if type(value) is not dict else out
@@ -811,9 +816,13 @@ def verify_resume(plan: Any, file: TorchFile, steps: int) -> bool | str:
                                 tensor_equal=lambda a, b: True):
             return line
         return True
-    optimizer, scheduler = plan._rebuild()
-    optimizer.load_state_dict({"state": {}, "param_groups": groups})
-    scheduler.load_state_dict(state)
+    optimizer, scheduler = plan.rebuild()
+    try:
+        optimizer.load_state_dict({"state": {}, "param_groups": groups})
+        scheduler.load_state_dict(state)
+    except Exception as e:  # a state torch refuses (damaged values the rewrite kept)
+        detail = " ".join(str(e).split())[:160]
+        return f"torch cannot load its state ({type(e).__name__}: {detail})"
     for i, expected in enumerate(plan.expected[:steps]):
         if isinstance(expected, tuple) and expected[0] == "raises":
             try:

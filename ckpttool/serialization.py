@@ -51,10 +51,11 @@ import zlib
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from ckpttool.errors import CkptToolError, InputError
+from ckpttool.errors import CkptToolError, InputError, UnsafeCheckpointError
 
 # --- torch's on-disk vocabulary -------------------------------------------------------------
 
@@ -103,7 +104,13 @@ DANGEROUS_PACKAGES = frozenset({
     "importlib", "runpy", "shutil", "socket", "_socket", "multiprocessing", "webbrowser",
     "marshal", "pickle", "_pickle", "dill", "pydoc", "asyncio", "pip", "setuptools", "joblib",
     "requests", "urllib.request", "http.client", "http.server", "numpy.testing", "torch.hub",
-    "torch.utils.cpp_extension",
+    "torch.utils.cpp_extension", "pkgutil",
+    # numpy's file readers and writers (np.load unpickles), memory maps, C libraries
+    "numpy.lib.npyio", "numpy.lib._npyio_impl", "numpy.lib.format", "numpy.lib._format_impl",
+    "numpy.core.memmap", "numpy._core.memmap", "numpy.ctypeslib", "numpy.f2py",
+    "numpy.distutils",
+    # torch's code packages and remote calls
+    "torch.package", "torch.distributed.rpc", "pandas.io.pickle",
 })
 # Modules whose names a user package may well take (`code`, `trace`, `profile`, `signal` ...):
 # matched only as the module itself (code.interact) or a class in it (code.InteractiveConsole.
@@ -128,7 +135,18 @@ DANGEROUS_GLOBALS = frozenset({
     "io.open", "_io.open", "io.FileIO", "_io.FileIO", "codecs.open",
     "torch.load", "torch.save", "torch.jit.load", "torch.jit._serialization.load",
     "torch.ops.load_library", "torch.classes.load_library", "torch._C._jit_script_compile",
-    "torch.storage._load_from_bytes",
+    "torch.storage._load_from_bytes", "torch.serialization.save", "torch.serialization._save",
+    "torch.serialization._legacy_save", "torch.jit.save", "torch.export.load",
+    "torch.export.save", "torch.from_file", "torch.UntypedStorage.from_file",
+    "torch.TypedStorage.from_file", "torch.storage.UntypedStorage.from_file",
+    "torch.storage.TypedStorage.from_file", "torch.onnx.export",
+    # numpy's file functions, as numpy names them (np.save.__module__ is "numpy")
+    "numpy.save", "numpy.savez", "numpy.savez_compressed", "numpy.savetxt", "numpy.load",
+    "numpy.loadtxt", "numpy.genfromtxt", "numpy.fromfile", "numpy.fromregex", "numpy.memmap",
+    # loaders that build arbitrary objects, and getters that reach any attribute
+    "pandas.read_pickle", "yaml.load", "yaml.load_all", "yaml.unsafe_load",
+    "yaml.unsafe_load_all", "yaml.full_load", "yaml.full_load_all",
+    "inspect.getattr_static", "typing.get_type_hints", "typing._eval_type",
 })
 
 
@@ -405,11 +423,14 @@ def opaque_class(module: str, name: str) -> type:
 
 
 def dotted_name(value: Any) -> str | None:
-    """The global a value stands for: an Opaque instance or class, or None."""
+    """The global a value stands for: an Opaque instance or class, an allowlisted global left
+    uncalled, or None."""
     if isinstance(value, Opaque):
         return value.dotted
     if isinstance(value, type) and issubclass(value, Opaque):
         return value.dotted
+    if isinstance(value, _Global):
+        return f"{value.module}.{value.name}"
     return None
 
 
@@ -491,6 +512,17 @@ def _storage(storage: Any) -> StorageRef:
     return storage
 
 
+def _fits(storage: StorageRef, offset: int, shape: tuple, strides: tuple) -> None:
+    """A tensor must lie inside its storage (torch.load checks it too): a rewrite copies the
+    record as it is, and a reader of the tensor's bytes would read past it."""
+    if 0 in shape:
+        return
+    last = offset + sum((n - 1) * step for n, step in zip(shape, strides))
+    if last >= storage.numel:
+        raise pickle.UnpicklingError(f"a tensor larger than its storage (it reaches element "
+                                     f"{last:,} of {storage.numel:,})")
+
+
 def _dtype_name(dtype: Any) -> str:
     if not isinstance(dtype, DType):
         raise pickle.UnpicklingError(f"a tensor whose dtype is a {type(dtype).__name__}, not a "
@@ -501,7 +533,8 @@ def _dtype_name(dtype: Any) -> str:
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
                        backward_hooks=None, metadata=None):
     offset, shape, strides = _layout(storage_offset, size, stride)
-    return TensorRef(_storage(storage).dtype, shape, strides, offset, storage, bool(requires_grad),
+    _fits(_storage(storage), offset, shape, strides)
+    return TensorRef(storage.dtype, shape, strides, offset, storage, bool(requires_grad),
                      rebuild=("torch._utils._rebuild_tensor_v2",
                               (storage, storage_offset, size, stride, requires_grad,
                                backward_hooks) + (() if metadata is None else (metadata,))))
@@ -509,7 +542,8 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
 
 def _rebuild_tensor(storage, storage_offset, size, stride):
     offset, shape, strides = _layout(storage_offset, size, stride)
-    return TensorRef(_storage(storage).dtype, shape, strides, offset, storage,
+    _fits(_storage(storage), offset, shape, strides)
+    return TensorRef(storage.dtype, shape, strides, offset, storage,
                      rebuild=("torch._utils._rebuild_tensor",
                               (storage, storage_offset, size, stride)))
 
@@ -522,6 +556,7 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, bac
                        storage.numel // max(DTYPE_ITEMSIZE.get(name, 1), 1)
                        if storage.storage_type == "UntypedStorage" else storage.numel,
                        storage.storage_type)
+    _fits(typed, offset, shape, strides)
     return TensorRef(name, shape, strides, offset, typed, bool(requires_grad),
                      rebuild=("torch._utils._rebuild_tensor_v3",
                               (typed, storage_offset, size, stride, requires_grad,
@@ -1046,6 +1081,38 @@ class SafeUnpickler(pickle.Unpickler):
                                      + (repr(tag[:40]) if isinstance(tag, str) else "(not a str)"))
 
 
+# --trust: the checkpoints read in this context whose pickles call code-running globals, with
+# those calls; None outside it (such a checkpoint is then refused).
+_trusted: ContextVar[list[tuple[str, list[str]]] | None] = ContextVar("ckpttool_trusted",
+                                                                      default=None)
+
+
+@contextmanager
+def trusting() -> Iterator[list[tuple[str, list[str]]]]:
+    """Within this block, a checkpoint whose pickle calls code-running globals (os.system,
+    eval, ...) is read and inspected instead of refused (``--trust``); each such checkpoint is
+    appended, as (path, calls), to the list it yields, so that the caller can say so. Nothing
+    from the file runs, even then: ckpttool never unpickles for real.
+
+    Example:
+        >>> with trusting() as trusted:                              # doctest: +SKIP
+        ...     ckpt = ckpttool.load("mine.pt")
+        >>> trusted                                                  # doctest: +SKIP
+        [('mine.pt', ["operator.attrgetter('lr')"])]
+    """
+    token = _trusted.set([])
+    try:
+        yield _trusted.get()  # type: ignore[misc]
+    finally:
+        _trusted.reset(token)
+
+
+def trusted_calls() -> list[tuple[str, list[str]]] | None:
+    """Where a trusted checkpoint's calls are recorded (see :func:`trusting`); None when
+    checkpoints calling code are refused."""
+    return _trusted.get()
+
+
 def safe_loads(data: bytes, *, legacy: bool = False) -> tuple[Any, list[str]]:
     """Unpickle ``data`` without importing or running anything; returns (value, globals seen).
 
@@ -1186,20 +1253,34 @@ def read_checkpoint(path: str | os.PathLike) -> TorchFile:
     raise InputError(f"{path}: {_NOT_A_CHECKPOINT[kind]}")
 
 
+def name_calls(calls: list[str], most: int = 3) -> str:
+    """``a``, ``a and b``, ``a, b and c``, ``a, b, c and 2 more``."""
+    shown = calls[:most] + ([f"{len(calls) - most} more"] if len(calls) > most else [])
+    return shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} and {shown[-1]}"
+
+
 def _unpickled(path: str, unpickler: SafeUnpickler, what: str = "checkpoint's pickle") -> Any:
-    """``unpickler.load()``, with its failures as one-line InputErrors."""
+    """``unpickler.load()``, with its failures as one-line InputErrors. A pickle that fails
+    after naming code-running globals is reported as what it is: hostile (it may fail only
+    because it calls what such a call returned, which ckpttool never makes)."""
     try:
         return unpickler.load()
-    except _Refused as e:
-        raise InputError(f"{path}: {e}") from None
-    except RecursionError:
-        raise InputError(f"{path}: the {what} nests too deeply to read safely") from None
-    except MemoryError:
-        raise InputError(f"{path}: the {what} asks for more memory than it could hold; the "
-                         "file is damaged or hostile") from None
     except Exception as e:  # the unpickler raises many types on damaged data
-        detail = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise InputError(f"{path}: the {what} is corrupted ({detail})") from None
+        error = e
+    dangerous = list(dict.fromkeys(g for g in unpickler.globals_seen if is_dangerous_global(g)))
+    if dangerous:
+        raise UnsafeCheckpointError(
+            f"{path}: the pickle names {name_calls(dangerous)}, code that would run on "
+            "torch.load(weights_only=False); nothing was executed. Do not load this file")
+    if isinstance(error, _Refused):
+        raise InputError(f"{path}: {error}")
+    if isinstance(error, RecursionError):
+        raise InputError(f"{path}: the {what} nests too deeply to read safely")
+    if isinstance(error, MemoryError):
+        raise InputError(f"{path}: the {what} asks for more memory than it could hold; the "
+                         "file is damaged or hostile")
+    detail = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+    raise InputError(f"{path}: the {what} is corrupted ({detail})")
 
 
 def _read_zip(path: str, size: int) -> TorchFile:
@@ -1266,9 +1347,12 @@ def _read_zip(path: str, size: int) -> TorchFile:
 def _refuse_packed(path: str, info: zipfile.ZipInfo) -> None:
     """Every record must be stored as torch.save stores it, its bytes as they are: tensor data is
     read in place, and a small compressed record may inflate to gigabytes (a zip bomb)."""
-    if info.flag_bits & 0x1:
+    if info.flag_bits & 0x41:  # bit 0: encrypted, bit 6: strong encryption
         raise InputError(f"{path}: the zip record {info.filename[:80]!r} is encrypted; torch.save "
                          "never encrypts; decrypt the archive, or re-save it with torch.save")
+    if info.flag_bits & 0x20:  # bit 5: patch data, which neither zipfile nor torch's miniz reads
+        raise InputError(f"{path}: the zip record {info.filename[:80]!r} is flagged as patch "
+                         "data, which torch.save never writes; the file is damaged")
     if info.compress_type != zipfile.ZIP_STORED:
         method = zipfile.compressor_names.get(info.compress_type, f"method {info.compress_type}")
         raise InputError(f"{path}: the zip record {info.filename[:80]!r} is compressed "
@@ -2272,6 +2356,41 @@ class _Appender:
 # --- the atomic output -----------------------------------------------------------------------
 
 
+def _host_tag() -> str:
+    """This host, as temporary names carry it (with the pid): a hash of its name."""
+    import socket
+
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+
+
+_HOST_TAG = _host_tag()
+
+
+def _remove_stale_temporaries(folder: str, stem: str) -> None:
+    """Remove the temporary files of this target that a process of this host left when it was
+    killed (kill -9, a power cut: it had no chance to remove them), found by its pid no longer
+    running; a live writer's are left alone."""
+    prefix, host = f".{stem}.", _HOST_TAG
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        parts = name[len(prefix):-len(".tmp")].split("-")
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            with suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+        except OSError:  # alive (another user's), or unknowable: keep it
+            pass
+
+
 @contextmanager
 def atomic_output(out_path: str | os.PathLike) -> Iterator[io.FileIO]:
     """An unbuffered file that becomes ``out_path`` only when the block completes.
@@ -2290,8 +2409,10 @@ def atomic_output(out_path: str | os.PathLike) -> Iterator[io.FileIO]:
     folder = os.path.dirname(os.path.abspath(out_path))
     # NAME_MAX is 255 bytes; a long target name is shortened, the random part kept.
     stem = os.path.basename(out_path)[:180]
+    _remove_stale_temporaries(folder, stem)
     while True:
-        tmp = os.path.join(folder, f".{stem}.{secrets.token_hex(6)}.tmp")
+        tmp = os.path.join(folder,
+                           f".{stem}.{_HOST_TAG}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
                          0o666)
@@ -2520,7 +2641,7 @@ def _zip_records(file: TorchFile, storages: _Storages, data_pkl: bytes, *,
             prefix = file.zip_prefix or ""
             version = next((zf.read(prefix + name) for name in ("version", ".data/version")
                             if prefix + name in infos), ZIP_DEFAULT_VERSION)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
         raise InputError(f"{file.path}: cannot read the zip again ({e})") from None
     unknown = [name for name in infos if not name.endswith("/") and (  # folders hold nothing
         not name.startswith(prefix) or name[len(prefix):] not in _ZIP_KNOWN_RECORDS

@@ -228,7 +228,9 @@ def test_single_resumes_bit_exact_and_keeps_everything_else(tmp_path):
     assert (out / "__0_0.distcp").read_bytes() == (SINGLE / "__0_0.distcp").read_bytes()
     st, st_src = os.stat(out / "__0_0.distcp"), os.stat(SINGLE / "__0_0.distcp")
     assert st.st_nlink == 1 and st.st_ino != st_src.st_ino  # a copy, never a link
-    assert seen[-1] == (st_src.st_size, st_src.st_size)
+    written = sum(os.path.getsize(out / name) for name in os.listdir(out))
+    # one progress over the folder (copies, new shard, .metadata), its total exact from the start
+    assert seen[-1] == (written, written) and {t for _, t in seen} == {written}
 
     model, opt, sched = _resume_single(out, _cosine)
     assert _lrs(opt, sched, RESUMED) == expected
@@ -402,6 +404,63 @@ def test_cli_reschedule_of_single_resumes_bit_exact(run_cli, tmp_path):
     *_, expected = _from_scratch(_cosine, 5)
     _, opt, sched = _resume_single(out, _cosine)
     assert _lrs(opt, sched, RESUMED) == expected
+
+
+def _stored_in(folder: Path) -> dict[str, set[str]]:
+    """Each flat key of a written folder -> the files its bytes lie in (its .metadata)."""
+    out: dict[str, set[str]] = {}
+    for index, info in _metadata(folder).storage_data.items():
+        out.setdefault(index.fqn, set()).add(info.relative_path)
+    return out
+
+
+@pytest.mark.parametrize("options", [
+    ["--set", "milestones=[3, 8]", "--scale-lr", "0.5"],
+    ["--scheduler", COSINE],
+    [],  # the stored schedule again: nothing stored anew
+], ids=["set-and-scale", "other-class", "unchanged"])
+def test_what_the_plan_says_changes_is_what_the_writer_changed(run_cli, tmp_path, options):
+    """The dcp object of --json, planned without writing, names exactly the entries the written
+    .metadata points at the new shard for, and those it no longer has; the text says the same."""
+    out = tmp_path / "out"
+    dry = json.loads(run_cli("reschedule", SINGLE, "--dry-run", "--json", *options).stdout)
+    result = run_cli("reschedule", SINGLE, "-o", out, "--json", *options)
+    assert result.exit_code == EXIT_OK, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["dcp"] == dry["dcp"] and doc["rewritten"] == dry["rewritten"]
+    stored, before = _stored_in(out), _stored_in(SINGLE)
+    shard = doc["dcp"]["shard"]
+    assert sorted(doc["dcp"]["written"]) == sorted(k for k, files in stored.items()
+                                                   if shard in files)
+    assert sorted(doc["dcp"]["removed"]) == sorted(before.keys() - stored.keys())
+    assert doc["dcp"]["copied"] == ["__0_0.distcp"] and doc["dcp"]["left_out"] == []
+    assert sorted(os.listdir(out)) == sorted(doc["rewritten"] + doc["dcp"]["copied"])
+    if not options:
+        assert (shard, doc["dcp"]["written"], doc["rewritten"]) == (None, [], [".metadata"])
+        return
+    assert shard == NEW_SHARD.format(0) and doc["rewritten"] == [".metadata", shard]
+    text = run_cli("reschedule", SINGLE, "--dry-run", *options).stdout
+    n = len(doc["dcp"]["written"])
+    assert (f"[dcp folder] rewritten: {n} entries ({', '.join(doc['dcp']['written'][:4])}, and "
+            f"{n - 4} more) in a new shard {shard}, a new .metadata; ") in text
+    assert text.count("[dcp folder]") == 1
+
+
+def test_a_second_rewrite_says_which_shard_it_leaves_out(run_cli, tmp_path):
+    ckpttool.reschedule(SINGLE, scheduler=COSINE).save(tmp_path / "once")
+    plan = ckpttool.reschedule(tmp_path / "once", scheduler="StepLR(step_size=2)")
+    assert plan.dcp.left_out == (NEW_SHARD.format(0),) and plan.dcp.copied == ("__0_0.distcp",)
+    plan.save(tmp_path / "twice")
+    assert sorted(os.listdir(tmp_path / "twice")) == [".metadata", "__0_0.distcp",
+                                                      NEW_SHARD.format(1)]
+    text = run_cli("reschedule", tmp_path / "once", "--dry-run", "--scheduler",
+                   "StepLR(step_size=2)").stdout
+    assert (f"\n[dcp folder] rewritten: 5 entries (optim.param_groups.0.lr, "
+            "optim.param_groups.1.lr, scheduler.step_size, scheduler.gamma, and 1 more) in a new "
+            f"shard {NEW_SHARD.format(1)}, a new .metadata; 2 entries dropped (scheduler.T_max, "
+            "scheduler.eta_min); every other shard copied byte for byte "
+            f"({NEW_SHARD.format(0)}, added by an earlier rewrite and no longer used, left "
+            "out)\n") in text
 
 
 def test_set_milestones_of_the_stored_multisteplr(tmp_path):

@@ -311,6 +311,22 @@ def test_output_exists_needs_force_and_input_is_untouched(tmp_path):
     assert src.read_bytes() == (FIXTURES / "adamw_cosine.pt").read_bytes()
 
 
+@pytest.mark.parametrize("where", ["-o", "--out-dir"])
+def test_an_existing_output_is_refused_naming_the_option_used(tmp_path, run_cli, where):
+    """The message says what to change: the option the user gave, -o or --out-dir."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "adamw_cosine.pt").write_bytes(b"keep me")
+    target = out_dir / "adamw_cosine.pt" if where == "-o" else out_dir
+    result = run_cli("reschedule", FIXTURES / "adamw_cosine.pt", where, target, "--set",
+                     "T_max=80")
+    assert result.exit_code == EXIT_ERROR
+    assert result.stderr.strip().endswith(
+        f"adamw_cosine.pt exists; pass --force to overwrite it, or choose another {where}")
+    assert (out_dir / "adamw_cosine.pt").read_bytes() == b"keep me"
+    assert os.listdir(out_dir) == ["adamw_cosine.pt"]
+
+
 def test_in_place_keeps_a_backup(tmp_path):
     src = tmp_path / "in.pt"
     original = (FIXTURES / "adamw_cosine.pt").read_bytes()

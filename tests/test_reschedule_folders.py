@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ import ckpttool
 from ckpttool import rescheduling
 from ckpttool.errors import EXIT_ERROR, EXIT_OK, CkptToolError, StateError
 from ckpttool.serialization import TensorRef, read_checkpoint, walk
-from conftest import FIXTURES, record_durability
+from conftest import FIXTURES, record_durability, run_main
 
 DIRS = FIXTURES / "dirs"
 HF20 = DIRS / "hf_trainer" / "checkpoint-20"
@@ -278,6 +279,67 @@ def test_in_place_keeps_the_original_as_bak(tmp_path, run_cli):
     assert ckpttool.load(tmp_path / "state.bak").schedulers[1].args["step_size"] == 4
 
 
+def test_an_hf_backup_is_not_a_checkpoint_to_the_trainers_rotation(tmp_path, run_cli):
+    """The Trainer's save_total_limit rotation (transformers.trainer_utils.sort_checkpoints /
+    rotate_checkpoints, which Trainer._save_checkpoint calls) counts every `checkpoint-*`
+    folder of output_dir: the in-place backup must not be one, or a real checkpoint goes."""
+    pytest.importorskip("transformers")
+    from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints, sort_checkpoints
+
+    run = tmp_path / "run"
+    for source in (HF20, HF40):
+        shutil.copytree(source, run / source.name)
+    result = run_cli("reschedule", run / "checkpoint-20", "--in-place", "--set",
+                     "num_training_steps=80")
+    assert result.exit_code == EXIT_OK, result.stderr
+    backup = run / "bak-checkpoint-20"
+    assert files(backup) == files(HF20)
+    assert (f"backup: the original is now {backup} (named outside the `checkpoint-*` folders "
+            "that the Trainer's save_total_limit rotation counts)") in result.stdout
+    assert sort_checkpoints(str(run)) == [str(run / "checkpoint-20"), str(run / "checkpoint-40")]
+    assert get_last_checkpoint(str(run)) == str(run / "checkpoint-40")
+    for use_mtime in (True, False):  # the Trainer rotates by mtime where it can
+        rotate_checkpoints(str(run), save_total_limit=2, use_mtime=use_mtime)
+        assert leftovers(run) == ["bak-checkpoint-20", "checkpoint-20", "checkpoint-40"]
+    assert files(run / "checkpoint-40") == files(HF40)
+    assert ckpttool.load(run / "checkpoint-20").hf.max_steps == 80
+
+
+def test_an_accelerate_automatic_checkpoint_backup_leaves_the_checkpoints_folder(
+        tmp_path, run_cli, fresh_accelerate_state):
+    """accelerate's automatic_checkpoint_naming counts every entry of PROJECT/checkpoints/ for
+    its total_limit rotation and load_state(): the backup goes one level up, and the next
+    save_state() deletes only the oldest real checkpoint."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
+
+    mf = _make_fixtures()
+    AcceleratorState._reset_state(True)
+    accelerator = Accelerator(cpu=True, project_config=ProjectConfiguration(
+        project_dir=str(tmp_path), automatic_checkpoint_naming=True, total_limit=2))
+    model = mf.tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2)
+    model, opt, sched = accelerator.prepare(model, opt, sched)
+    checkpoints = tmp_path / "checkpoints"
+    for _ in range(2):
+        opt.step()
+        sched.step()
+        accelerator.save_state()
+    assert leftovers(checkpoints) == ["checkpoint_0", "checkpoint_1"]
+    result = run_cli("reschedule", checkpoints / "checkpoint_1", "--in-place", "--set",
+                     "step_size=3")
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert leftovers(checkpoints) == ["checkpoint_0", "checkpoint_1"]
+    assert (tmp_path / "checkpoint_1.bak").is_dir()
+    assert f"backup: the original is now {tmp_path / 'checkpoint_1.bak'} (outside checkpoints/" \
+        in result.stdout
+    accelerator.save_state()  # total_limit=2: checkpoint_0 goes, the rewritten one stays
+    assert leftovers(checkpoints) == ["checkpoint_1", "checkpoint_2"]
+    assert ckpttool.load(checkpoints / "checkpoint_1").schedulers[0].args["step_size"] == 3
+
+
 def test_dry_run_writes_nothing(tmp_path, run_cli):
     pytest.importorskip("transformers")
     result = run_cli("reschedule", HF20, "--dry-run", "--set", "num_training_steps=80", "-o",
@@ -350,13 +412,69 @@ def test_a_stale_pending_folder_is_reported_not_removed(tmp_path):
     assert leftovers(tmp_path) == [".out.ckpttool-new"]
 
 
-def test_folder_writing_reports_progress(tmp_path):
+@pytest.mark.parametrize("source, options", [
+    (ACCELERATE, {"optimizer": "optimizer.bin", "sets": ["T_max=40"]}),
+    (HF20, {"sets": ["num_training_steps=400"]}),  # trainer_state.json gets a byte longer
+], ids=["accelerate", "hf"])
+def test_folder_writing_reports_progress(tmp_path, monkeypatch, source, options):
+    """Reported as written (every chunk, PROGRESS_BYTES lowered), never past the total: a
+    rewritten file's size replaces its input's as soon as it is known."""
+    from ckpttool import serialization
+
+    if source == HF20:
+        pytest.importorskip("transformers")
+    monkeypatch.setattr(serialization, "PROGRESS_BYTES", 1)
     seen = []
-    plan = ckpttool.reschedule(ACCELERATE, optimizer="optimizer.bin", sets=["T_max=40"])
+    plan = ckpttool.reschedule(source, **options)
     plan.save(tmp_path / "out", progress=lambda done, total: seen.append((done, total)))
-    total = sum(len(b) for b in files(ACCELERATE).values())
-    assert seen[-1] == (total, total)
+    total = sum(len(b) for b in files(tmp_path / "out").values())  # what was written
+    assert seen[-1] == (total, total) and all(d <= t for d, t in seen)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_one_progress_over_the_folder_at_most_every_progress_bytes(tmp_path, monkeypatch):
+    """Many files (copied ones, rewritten ones, a subfolder's) report as one copy: at most once
+    per PROGRESS_BYTES of the folder (lowered here), however small each file is, and once at
+    the end, never past the total."""
+    from ckpttool import serialization
+
+    folder = tmp_path / "state"
+    shutil.copytree(ACCELERATE, folder)
+    (folder / "logs").mkdir()
+    for i in range(40):
+        (folder / "logs" / f"event_{i}").write_bytes(bytes(300))
+    monkeypatch.setattr(serialization, "PROGRESS_BYTES", 4096)
+    seen = []
+    plan = ckpttool.reschedule(folder, optimizer="optimizer.bin", sets=["T_max=40"])
+    plan.save(tmp_path / "out", progress=lambda done, total: seen.append((done, total)))
+    written = sum(os.path.getsize(os.path.join(d, f))
+                  for d, _, names in os.walk(tmp_path / "out") for f in names)
+    assert seen[-1] == (written, written)
+    done = [d for d, _ in seen]
+    assert all(b - a >= 4096 for a, b in itertools.pairwise(done[:-1]))  # not once per file
+    assert len(seen) >= written // 4096 // 2  # ... but all along the folder
+    assert all(d <= t for d, t in seen)
+
+
+@pytest.mark.parametrize("source, options", [
+    (ACCELERATE, ["--optimizer", "optimizer.bin", "--set", "T_max=40"]),
+    (DIRS / "dcp" / "single", ["--scale-lr", "0.5"]),
+], ids=["accelerate", "dcp"])
+def test_a_big_folder_output_draws_a_writing_bar(tmp_path, monkeypatch, capsys, source,
+                                                 options):
+    """As for a file (test_cli), above BAR_MIN_COPY_BYTES (lowered here) writing a folder
+    draws one bar on a terminal's stderr, ended before the report; none off a terminal."""
+    from ckpttool import cli, serialization
+
+    monkeypatch.setattr(cli, "BAR_MIN_COPY_BYTES", 1)
+    monkeypatch.setattr(serialization, "PROGRESS_BYTES", 1)
+    args = ["reschedule", source, "-o", tmp_path / "out", *options]
+    code, out, err = run_main(args, monkeypatch, capsys, tty=True)
+    assert code == EXIT_OK and "verified" in out and "writing" not in out
+    assert err.count("writing") >= 1 and "100%" in err and err.endswith("\n")
+    shutil.rmtree(tmp_path / "out")
+    code, out, err = run_main(args, monkeypatch, capsys, tty=False)
+    assert code == EXIT_OK and err == ""
 
 
 def test_out_dir_writes_each_folder_under_its_name(tmp_path, run_cli):

@@ -132,7 +132,8 @@ def test_a_doctored_logged_lr_is_named_with_both_values(tmp_path, run_cli):
     assert (check.convention, check.mismatches, check.first_mismatch) == (
         "before-step", 1, (10, 0.0009, replayed))
     finding = _codes(ckpt)["hf-logged-lr-mismatch"]
-    assert (finding.severity, finding.location) == ("error", "trainer_state.json")
+    # the state follows the schedule: the log is history (a warning, not an error)
+    assert (finding.severity, finding.location) == ("warning", "trainer_state.json")
     assert "step 10 logged learning_rate 0.0009, a clean replay" in finding.message
     assert repr(replayed) in finding.message and "1 of 4" in finding.message
     assert ckpt.schedulers[0].verify.identical  # the scheduler state itself is clean
@@ -284,3 +285,21 @@ def test_verify_progress_counts_the_replay(long_run):
     assert ckpt.schedulers[0].verify.identical
     assert seen[-1] == (LONG_STEPS, LONG_STEPS) and len(seen) == -(-LONG_STEPS // 32768)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
+def test_a_rescheduled_folder_verifies_with_a_warning_on_its_older_log(tmp_path, run_cli):
+    out = tmp_path / "checkpoint-20"
+    ckpttool.reschedule(HF20, sets=["num_training_steps=80"]).save(out)
+    ckpt = ckpttool.load(out, verify=True)
+    assert ckpt.schedulers[0].verify.identical
+    codes = _codes(ckpt)
+    assert codes["hf-logged-lr-mismatch"].severity == "warning"
+    assert "verify-mismatch" not in codes
+    assert not [f for f in ckpt.findings if f.severity == "error"]
+    # a doctored state on top of it: the log's disagreement is an error again
+    state = torch.load(out / "scheduler.pt", weights_only=True)
+    state["_last_lr"][0] = 0.0005
+    torch.save(state, out / "scheduler.pt")
+    doctored = ckpttool.load(out, verify=True)
+    assert doctored.schedulers[0].verify.identical is False
+    assert _codes(doctored)["hf-logged-lr-mismatch"].severity == "error"
