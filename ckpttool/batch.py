@@ -113,11 +113,86 @@ def _search(folder: str, rel: str = "") -> Iterator[str]:
         name = os.path.join(rel, entry.name) if rel else entry.name
         if entry.is_dir():
             if is_checkpoint_dir(entry.path):
-                yield name
+                if not _is_backup_dir(entry.path):
+                    yield name
             elif not entry.is_symlink():  # (a link back up the tree would never end)
                 yield from _search(folder, name)
         elif entry.name.endswith(CHECKPOINT_SUFFIXES):
             yield name
+
+
+def _is_backup_dir(path: str) -> bool:
+    """A checkpoint folder named as ckpttool names an in-place backup (``NAME.bak``,
+    ``bak-checkpoint-N``): the original of a rewritten checkpoint, never an input of a search
+    (a second ``--in-place`` pass would rewrite it, or with ``--no-backup`` lose it)."""
+    from ckpttool.directories import directory_kind
+    from ckpttool.folder_output import is_backup
+
+    return is_backup(path, directory_kind(path))
+
+
+def check_targets(inputs: list[str], targets: list[str | None], *,
+                  backups: bool = False) -> None:
+    """Refuse, before anything is written, a batch in which writing one input would destroy
+    what another reads or writes: two inputs written to one path; an output that is another
+    input, lies inside one, or contains one (it would be replaced, or removed with the folder
+    it replaces, before that input is read); with ``backups`` (``--in-place``, keeping them),
+    an input that is another input's backup (:func:`ckpttool.folder_output.backup_path`).
+    Paths are compared by identity (:func:`ckpttool.folder_output.place`: a bind mount, a
+    symlinked folder or a hard link is seen through). An input written over itself, or
+    inside itself, is refused by its own write (:meth:`ckpttool.Rescheduled.save`).
+
+    Raises:
+        StateError: naming the two inputs.
+
+    Example:
+        >>> check_targets(["s1/run/c20", "s2/run/c20"], ["s2/run/c20", "s2/c20"])  # doctest: +SKIP
+        Traceback (most recent call last):
+        StateError: the output of s1/run/c20, s2/run/c20, is the input s2/run/c20 ...
+    """
+    from ckpttool.directories import directory_kind
+    from ckpttool.errors import StateError
+    from ckpttool.folder_output import backup_path, place
+
+    places = [place(p) for p in inputs]
+    by_key: dict = {}
+    around: dict = {}  # identity of a folder -> the inputs inside it
+    for i, p in enumerate(places):
+        by_key.setdefault(p.key, i)
+        for ident in p.around:
+            around.setdefault(ident, []).append(i)
+    written: dict = {}
+    for i, target in enumerate(targets):
+        if target is None:
+            continue
+        p = place(target)
+        if p.key in written:
+            raise StateError(f"{inputs[written[p.key]]} and {inputs[i]} would both be written "
+                             f"to {target}; give them different names")
+        written[p.key] = i
+        others = [j for j in [by_key.get(p.key)] if j is not None and j != i]
+        if others:
+            raise StateError(f"the output of {inputs[i]}, {target}, is the input "
+                             f"{inputs[others[0]]}: it would be replaced before it is read; "
+                             "choose another output")
+        inside = [j for j in (by_key.get((ident, ())) for ident in p.around)
+                  if j is not None and j != i]
+        contained = [j for j in around.get(p.key[0], []) if j != i] if p.exists else []
+        if inside or contained:
+            j = (inside or contained)[0]
+            how = "lies inside" if inside else "contains"
+            raise StateError(f"the output of {inputs[i]}, {target}, {how} the input "
+                             f"{inputs[j]}: writing it could replace that input before it is "
+                             "read; choose another output")
+        if backups:
+            path = os.path.realpath(inputs[i])
+            kind = directory_kind(path) if os.path.isdir(path) else "file"
+            bak = place(backup_path(kind or "folder", path)[0])
+            j = by_key.get(bak.key)
+            if j is not None and j != i:
+                raise StateError(f"{inputs[j]} is where --in-place keeps the backup of "
+                                 f"{inputs[i]}, which would replace it: move {inputs[j]} away "
+                                 "first")
 
 
 def natural_key(text: str) -> list:

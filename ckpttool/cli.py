@@ -27,6 +27,11 @@ class _Group(click.Group):
     def main(self, args=None, prog_name=None, **extra):
         args = list(sys.argv[1:] if args is None else args)
         debug = "--debug" in args
+        # A path that is not UTF-8 (its bytes as surrogates) is printed as its bytes, as ls
+        # does, under any locale (Python's own default for it depends on the locale).
+        if getattr(sys.stdout, "errors", None) == "strict":
+            with contextlib.suppress(AttributeError, ValueError):
+                sys.stdout.reconfigure(errors="surrogateescape")
         try:
             code = super().main(args=args, prog_name=prog_name or "ckpttool",
                                 standalone_mode=False, **extra)
@@ -309,7 +314,9 @@ def _new_schedule_options(command):
 @click.option("--scheduler-key", default="scheduler", show_default=True, metavar="NAME",
               help="Key for the new scheduler state when the checkpoint has none.")
 @click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
-@click.option("--force", is_flag=True, help="Overwrite an existing output (or backup).")
+@click.option("--force", is_flag=True,
+              help="Overwrite an existing output (a file; an empty folder or a checkpoint folder "
+                   "of the same kind) or backup.")
 @click.option("--no-backup", is_flag=True, help="With --in-place: keep no backup.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print ckpttool.reschedule/1 JSON (a list of them for several INs).")
@@ -357,7 +364,7 @@ def reschedule(sources, output, out_dir, in_place, spec, sets, lrs, scale_lr, st
                                "`ckpttool plot IN --set ...`")
     targets = [f.path if in_place else output or (os.path.join(out_dir, f.name) if out_dir
                                                    else None) for f in found]
-    _refuse_shared_targets(found, targets)
+    batch.check_targets([f.path for f in found], targets, backups=in_place and not no_backup)
     if plot_path:
         from ckpttool import plot
 
@@ -416,19 +423,6 @@ def _make_folders(folder: str) -> list[str]:
     return made
 
 
-def _refuse_shared_targets(found: list, targets: list) -> None:
-    """Two inputs written to one file would leave only the second: refuse before writing."""
-    seen: dict[str, str] = {}
-    for f, target in zip(found, targets):
-        if target is None:
-            continue
-        key = os.path.realpath(target)
-        if key in seen:
-            raise click.UsageError(f"{seen[key]} and {f.path} would both be written to "
-                                   f"{target}; give them different names")
-        seen[key] = f.path
-
-
 def _reschedule_one(source: str, target: str | None, options: dict, *, in_place: bool,
                     dry_run: bool, force: bool, backup: bool, make_folders: bool = False,
                     plot_path: str | None = None, progress=None, write_progress=None):
@@ -439,9 +433,17 @@ def _reschedule_one(source: str, target: str | None, options: dict, *, in_place:
     from ckpttool import rescheduling as core
 
     ckpt = inspection.load(source)
+    if in_place and not dry_run and os.path.isfile(source) and not (
+            os.stat(source).st_mode & 0o222):
+        # Replacing it would succeed (renames need the folder writable, not the file), which is
+        # not what a read-only file asks for.
+        raise CkptToolError(f"{source} is read-only; make it writable (chmod u+w) to rewrite "
+                            "it in place, or write a rescheduled copy with -o OUT")
     option = "--out-dir" if make_folders else "-o"  # the option that named target
     staged, made = None, []
     try:
+        if in_place:  # (a dry run too: say now what the real run would refuse)
+            core.check_in_place(ckpt)
         if not dry_run:
             if make_folders:
                 made = _make_folders(os.path.dirname(target))
@@ -468,6 +470,8 @@ def _reschedule_one(source: str, target: str | None, options: dict, *, in_place:
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
         raise
+    for warning in saved.warnings if saved is not None else ():
+        _note(f"warning: {warning}")  # the output is written and verified; this is left over
     return plan, saved
 
 

@@ -87,6 +87,9 @@ MAX_BYTES_ENTRY = 64 << 20  # one bytes entry
 MAX_BYTES_ENTRIES = 1_000_000
 MAX_BYTES_TOTAL = 1 << 30  # all bytes entries together
 MAX_LIST_LENGTH = 1 << 20  # a list rebuilt from int path components
+# Items of such a list with no entry (DCP writes none for an empty dict) beyond one per item
+# that has entries: a single entry at index 1,000,000 would otherwise make a million of them.
+MAX_LIST_GAPS = 1024
 MAX_PATH_PARTS = 100  # keys and indices in one entry's path (a state dict is a few deep)
 # Chunks per tensor up to which they are checked pairwise for overlaps (DCP's own save-time
 # check is pairwise too); beyond, only their volumes are summed.
@@ -400,6 +403,9 @@ class _Reader:
             shown = repr(name[:80]) if isinstance(name, str) else _brief(name)
             raise self.bad(f"{where} lies in {shown}, which is not a file name inside the "
                            "checkpoint folder")
+        if name == DCP_METADATA:  # (a rewrite makes a new .metadata: the entry would be lost)
+            raise self.bad(f"{where} lies in {DCP_METADATA} itself, where "
+                           "torch.distributed.checkpoint stores no entry")
         if not (_int(offset) and _int(length) and offset >= 0 and length >= 0):
             raise self.bad(f"{where} has an offset or length that is not a non-negative int")
         size = self.sizes.get(name)
@@ -648,6 +654,9 @@ def _finish(node: _Node, bad: Any, top: bool = False) -> Any:
         n = max(values) + 1
         if n > MAX_LIST_LENGTH:
             raise bad(f"planner_data gives a list index of {n - 1:,}")
+        if n - len(values) > max(MAX_LIST_GAPS, len(values)):
+            raise bad(f"planner_data gives a list index of {n - 1:,} with entries for only "
+                      f"{len(values):,} of its items")
         # DCP writes nothing for an empty dict: a list item without entries was one.
         return [values.get(i, {}) for i in range(n)]
     return _torch_keys(values)

@@ -60,7 +60,15 @@ from typing import Any
 from ckpttool.dcp import DCPDir, StoredEntry, StoredTensor
 from ckpttool.directories import DCP_METADATA
 from ckpttool.errors import CkptToolError, InputError, StateError
-from ckpttool.folder_output import copy_tree, finish_progress, folder_mode, size_of
+from ckpttool.folder_output import (
+    check_links,
+    copy_tree,
+    finish_progress,
+    make_pending,
+    member_mode,
+    remove_tree,
+    size_of,
+)
 from ckpttool.serialization import (
     CopyProgress,
     Device,
@@ -158,63 +166,75 @@ def write_dcp(source: DCPDir, root: Mapping, pending_dir: str | os.PathLike,
 
     ``progress(done, total)`` follows the bytes written, copies and new files together, as one
     :class:`ckpttool.serialization.CopyProgress` (at most once per 32 MB, and at the end).
-    ``source`` is only read. On failure ``pending_dir`` may hold a partial folder, which the
-    caller removes.
+    ``source`` is only read. On failure the folder this call made is removed; an existing
+    ``pending_dir`` is refused and left as it is.
 
     Raises:
         StateError: ``pending_dir`` exists, or a changed value cannot be stored (an opaque
             value, two entries of one flat key).
-        InputError: a file of ``source`` cannot be read.
+        InputError: a file of ``source`` cannot be read, or the folder holds a link out of
+            itself (:func:`ckpttool.folder_output.check_links`).
         CkptToolError: the folder cannot be written (disk full, permissions).
 
     Example:
         >>> write_dcp(read_dcp("run/step-100"), plan.root, "run/.step-100.pending")  # doctest: +SKIP
     """
     pending_dir = os.fspath(pending_dir)
+    check_links(source.path)
     entries, changes = _layout(source, root)
     shard_bytes, placed = _shard(entries, source, changes.shard) if changes.shard else (b"", {})
     metadata = _metadata(entries, placed, source.version)
     copied = CopyProgress(sum(size_of(os.path.join(source.path, n)) for n in changes.copied)
                           + len(shard_bytes) + len(metadata), progress)
-    try:
-        os.mkdir(pending_dir, folder_mode(source.path))
-    except FileExistsError:
-        raise StateError(f"{pending_dir} exists; remove it (a rewrite that was "
-                         "interrupted?)") from None
-    except OSError as e:
-        raise CkptToolError(f"{pending_dir}: cannot create the folder ({e.strerror or e})") \
-            from None
+    # The new files replace the source's .metadata: they get its mode, as its copy would.
+    mode = member_mode(os.path.join(source.path, DCP_METADATA))
+    make_pending(pending_dir, source.path)
     try:
         for name in changes.copied:
             copy_tree(os.path.join(source.path, name), os.path.join(pending_dir, name),
                       copied.add)
         if changes.shard:
-            _write_new(os.path.join(pending_dir, changes.shard), shard_bytes)
+            _write_new(os.path.join(pending_dir, changes.shard), shard_bytes, mode)
             copied.add(len(shard_bytes))
-        _write_new(os.path.join(pending_dir, DCP_METADATA), metadata)
+        _write_new(os.path.join(pending_dir, DCP_METADATA), metadata, mode)
         copied.add(len(metadata))
         fsync_folder(pending_dir)
     except OSError as e:
+        remove_tree(pending_dir)
         if e.filename and os.path.abspath(os.fspath(e.filename)).startswith(
                 os.path.abspath(source.path) + os.sep):
             raise InputError(f"{e.filename}: cannot read: {e.strerror or e}") from None
         raise CkptToolError(f"{pending_dir}: cannot write the checkpoint folder "
                             f"({e.strerror or e}); nothing was written") from None
+    except BaseException:
+        remove_tree(pending_dir)
+        raise
     finish_progress(copied)
 
 
 def _plan(source: DCPDir, root: Mapping) -> dict[str, tuple[tuple, _Kept | _New]]:
     """Each flat key of the new tree -> (its path, kept where it lies or written anew), in
-    the order dcp.save would list them."""
+    the order dcp.save would list them.
+
+    Raises:
+        StateError: the source's entries are not what flattening its own tree gives (a layout
+            this writer cannot keep).
+    """
+    layout = stored_layout(source)
     old_values: dict[str, Any] = {}
     tensors: dict[int, StoredTensor] = {}  # id(TensorRef of the source tree) -> its chunks
-    for key, _, value in flatten(source.root):
+    for key, _, value in flatten(source.root, layout):
         old_values[key] = value
         stored = source.entries.get(key)
         if isinstance(value, TensorRef) and stored and isinstance(stored[1], StoredTensor):
             tensors[id(value)] = stored[1]
+    if old_values.keys() != source.entries.keys():
+        odd = next(iter(sorted(old_values.keys() ^ source.entries.keys())))
+        raise StateError(f"{source.path}: its entries are not stored as torch.distributed."
+                         f"checkpoint stores a state dict (e.g. {odd[:80]!r}); ckpttool "
+                         "rewrites only folders dcp.save wrote")
     out: dict[str, tuple[tuple, _Kept | _New]] = {}
-    for key, path, value in flatten(root):
+    for key, path, value in flatten(root, layout):
         stored = source.entries.get(key)
         if _is_tensor(value):
             kept = tensors.get(id(value)) if isinstance(value, TensorRef) else None
@@ -227,37 +247,71 @@ def _plan(source: DCPDir, root: Mapping) -> dict[str, tuple[tuple, _Kept | _New]
     return out
 
 
-def flatten(root: Mapping) -> list[tuple[str, tuple, Any]]:
+@dataclass(frozen=True)
+class StoredLayout:
+    """How a source folder split its state into entries, where that differs from dcp.save's
+    own flattening (:func:`flatten` follows it, so that the planner that saved the folder
+    loads the output).
+
+    Attributes:
+        whole: the paths of entries holding what dcp.save would split (a folder saved with
+            ``DefaultSavePlanner(flatten_state_dict=False)`` stores each top-level value as one
+            entry: ``optim``, the whole optimizer state, its tensors included) -> their flat
+            keys. Such an entry stays one entry, stored anew as a whole when anything inside it
+            changed.
+        split: the paths of lists whose items the folder stored one by one where dcp.save
+            keeps the list whole (a list of numbers, in an older torch's layout).
+    """
+
+    whole: Mapping[tuple, str]
+    split: frozenset[tuple]
+
+
+def stored_layout(source: DCPDir) -> StoredLayout:
+    """The :class:`StoredLayout` of ``source`` (both parts empty for a folder that dcp.save
+    wrote with its default planner)."""
+    whole = {}
+    above: set[tuple] = set()
+    for key, (path, where) in source.entries.items():
+        member = source.members.get(join_location(path))  # the entry as read
+        if isinstance(where, StoredEntry) and member is not None and not _terminal(member.root):
+            whole[path] = key
+        above.update(path[:i] for i in range(1, len(path)) if isinstance(path[i], int))
+    return StoredLayout(whole, frozenset(above))
+
+
+def flatten(root: Mapping, layout: StoredLayout | None = None) -> list[tuple[str, tuple, Any]]:
     """``(flat key, path, leaf)`` for a state dict, as dcp.save flattens it (torch 2.4+'s
     ``traverse_state_dict`` and ``flatten_state_dict``); tensors are TensorRef, NewTensor or
-    torch tensors.
+    torch tensors. Where a source folder split its state otherwise (``layout``,
+    :func:`stored_layout`), its way is followed.
 
     Example:
         >>> flatten({"s": {"milestones": Counter({3: 1}), "base_lrs": [0.1]}})
         [('s.milestones.3', ('s', 'milestones', '3'), 1), ('s.base_lrs', ('s', 'base_lrs'), [0.1])]
+        >>> unflattened = StoredLayout({("s",): "s"}, frozenset())
+        >>> flatten({"s": {"milestones": Counter({3: 1})}}, unflattened)
+        [('s', ('s',), {'milestones': Counter({3: 1})})]
     """
     out: list[tuple[str, tuple, Any]] = []
     seen: set[str] = set()
+    whole, split = (layout.whole, layout.split) if layout else ({}, frozenset())
 
-    def terminal(value: Any) -> bool:
-        if isinstance(value, Mapping):
-            return False
-        if not isinstance(value, list):
-            return True
-        return not any((isinstance(v, (Mapping, list)) and not terminal(v)) or _is_tensor(v)
-                       for v in value)
+    def emit(key: str, path: tuple, value: Any) -> None:
+        if key in seen:
+            raise StateError(f"two entries of the state flatten to the key {key[:80]!r}; "
+                             "torch.distributed.checkpoint cannot store it")
+        seen.add(key)
+        out.append((key, path, value))
 
     def visit(path: tuple, value: Any) -> None:
-        if isinstance(value, Mapping):
+        if path in whole:
+            emit(whole[path], path, value)
+        elif isinstance(value, Mapping):
             for k, v in value.items():
                 visit(path + (str(k),), v)
-        elif terminal(value):
-            key = ".".join(map(str, path))
-            if key in seen:
-                raise StateError(f"two entries of the state flatten to the key {key[:80]!r}; "
-                                 "torch.distributed.checkpoint cannot store it")
-            seen.add(key)
-            out.append((key, path, value))
+        elif _terminal(value) and not (path in split and isinstance(value, list)):
+            emit(".".join(map(str, path)), path, value)
         else:
             for i, v in enumerate(value):
                 visit(path + (i,), v)
@@ -265,6 +319,17 @@ def flatten(root: Mapping) -> list[tuple[str, tuple, Any]]:
     for k, v in root.items():
         visit((str(k),), v)
     return out
+
+
+def _terminal(value: Any) -> bool:
+    """Whether dcp.save stores ``value`` as one entry: not a dict, and not a list holding
+    tensors or containers it would descend into."""
+    if isinstance(value, Mapping):
+        return False
+    if not isinstance(value, list):
+        return True
+    return not any((isinstance(v, (Mapping, list)) and not _terminal(v)) or _is_tensor(v)
+                   for v in value)
 
 
 def _is_tensor(value: Any) -> bool:
@@ -466,12 +531,14 @@ def _properties(stored: StoredTensor, key: str) -> Any:
 # --- files -----------------------------------------------------------------------------------
 
 
-def _write_new(path: str, data: bytes) -> None:
-    """A new file holding ``data``, on disk before this returns."""
-    with open(path, "xb") as f:
+def _write_new(path: str, data: bytes, mode: int) -> None:
+    """A new file holding ``data``, with ``mode`` less the umask, on disk before this returns."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
+    with open(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
 
 
-__all__ = ["NEW_SHARD", "DCPChanges", "flatten", "plan_changes", "write_dcp"]
+__all__ = ["NEW_SHARD", "DCPChanges", "flatten", "plan_changes", "stored_layout",
+           "write_dcp"]

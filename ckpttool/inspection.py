@@ -526,7 +526,8 @@ def _findings_for_optimizer(opt: OptimizerInfo) -> list[Finding]:
             resembles = f" (could be {' or '.join(opt.candidates)})"
         out.append(Finding(
             "unknown-optimizer", "info", opt.location,
-            f"optimizer class not recognised from its group keys{resembles}: {', '.join(keys)}",
+            f"optimizer class not recognised from its group keys{resembles}: {', '.join(keys)}"
+            if opt.groups else "the optimizer has no param groups: its class cannot be told",
             "recomputes use a generic stand-in optimizer with the same group keys"))
     return out
 
@@ -730,8 +731,9 @@ def _pairing_findings(sched: SchedulerReport, pairing: layout.Pairing) -> list[F
             "ambiguous-pairing", "warning", loc,
             f"{loc} may drive {pairing.reason.removeprefix('ambiguous: ')}: the file holds the "
             "same evidence for each, so its lrs are not checked",
-            "save schedulers beside their optimizers under matching names (`opt_g` / "
-            "`sched_g`), or inspect the states one by one")]
+            "to reschedule it, say which optimizer it drives: `ckpttool reschedule "
+            f"--scheduler-state {loc} --optimizer LOCATION`; in your own saves, keep "
+            "schedulers beside their optimizers under matching names (`opt_g` / `sched_g`)")]
     if pairing.optimizer is None:
         return [Finding(
             "unpaired-scheduler", "warning", loc,
@@ -805,8 +807,8 @@ def inspect_file(file: TorchFile, *, verify: bool = False,
             "no-state", "info", "", "no optimizer or scheduler state in this checkpoint",
             "it may hold model weights only; the optimizer is often saved in another file"))
     schedulers = [s for s, _ in paired]
-    if lay.kind == "lightning" and len(optimizers) == 1:
-        findings += _lightning_step_findings(file.root, schedulers)
+    if lay.kind == "lightning" and optimizers:
+        findings += _lightning_step_findings(file.root, schedulers, len(optimizers) > 1)
     hf = hf_run(file)
     if hf is not None:
         schedulers, findings = _with_hf_schedule(hf, schedulers, findings)
@@ -820,23 +822,46 @@ def inspect_file(file: TorchFile, *, verify: bool = False,
                       tuple(findings), unsafe, file, hf)
 
 
-def _lightning_step_findings(root: Mapping, schedulers: list[SchedulerReport]) -> list[Finding]:
-    """A Lightning scheduler whose step is neither the Trainer's global_step (interval "step")
-    nor its epoch (interval "epoch"; ReduceLROnPlateau lags one): its resume is off. (With one
-    optimizer only: global_step counts the steps of all of them.)"""
+def _lightning_step_findings(root: Mapping, schedulers: list[SchedulerReport],
+                             several: bool = False) -> list[Finding]:
+    """A Lightning scheduler whose step is neither the Trainer's step count (interval "step")
+    nor its epoch (interval "epoch"; ReduceLROnPlateau lags one): its resume is off.
+
+    The step count is global_step for one optimizer. With ``several`` (manual optimization,
+    the only way Lightning 2 takes several), global_step counts the steps of all of them, and
+    the module steps its schedulers itself: a schedule stepped once per batch is at the
+    batches the loop stepped (``_batches_that_stepped``, which a checkpoint saved at a
+    batch's end has not counted yet: one more is as right).
+    """
     step, epoch = _int_or_none(root.get("global_step")), _int_or_none(root.get("epoch"))
     if step is None or epoch is None:
         return []
+    if several:
+        loops = root.get("loops")
+        fit = loops.get("fit_loop") if isinstance(loops, Mapping) else None
+        state = fit.get("epoch_loop.state_dict") if isinstance(fit, Mapping) else None
+        batches = _int_or_none(state.get("_batches_that_stepped")) if isinstance(
+            state, Mapping) else None
+        if batches is None:
+            return []
+        steps = (batches, batches + 1, step)
+        said = (f"the loop stepped {int_text(batches)} batches (global_step "
+                f"{int_text(step)} counts the steps of every optimizer) and its epoch is "
+                f"{int_text(epoch)}: a schedule stepped every batch should be at the batch "
+                "count")
+    else:
+        steps = (step,)
+        said = (f"the Trainer's global_step is {int_text(step)} and its epoch "
+                f"{int_text(epoch)}: a schedule stepped every optimizer step (interval "
+                "\"step\") should be at global_step")
     out = []
     for sched in schedulers:
         last = sched.last_epoch
-        if last is None or last in (step, epoch, epoch - 1):
+        if last is None or last in (*steps, epoch, epoch - 1):
             continue
         out.append(Finding(
             "lightning-step-mismatch", "warning", sched.location or "",
-            f"the scheduler is at last_epoch {int_text(last)}, but the Trainer's global_step "
-            f"is {int_text(step)} and its epoch {int_text(epoch)}: a schedule stepped every "
-            "optimizer step (interval \"step\") should be at global_step, one stepped every "
+            f"the scheduler is at last_epoch {int_text(last)}, but {said}, one stepped every "
             "epoch at epoch",
             "unless its frequency is not 1, the scheduler state comes from another run or "
             "was edited; `ckpttool reschedule --step N` sets the position"))

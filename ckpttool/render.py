@@ -393,6 +393,7 @@ def reschedule_dict(plan: Any, saved: Any = None) -> dict:
     doc["output"] = saved.path if saved is not None else None
     doc["backup"] = saved.backup if saved is not None else None
     doc["verified_steps"] = saved.verified_steps if saved is not None else None
+    doc["warnings"] = list(saved.warnings) if saved is not None else []
     doc["dry_run"] = saved is None
     return doc
 

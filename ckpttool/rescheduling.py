@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import os
+import stat
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -147,26 +148,37 @@ class Rescheduled:
         :class:`ckpttool.serialization.StagedWrite` that :func:`start_output` began before the
         replay, so that the big tensor records were being copied meanwhile.
 
+        A file output keeps the mode of the file it replaces; a new one gets the input's mode
+        less the umask (as ``cp`` does). ``force`` replaces only what the output stands for: a
+        file with a file, a checkpoint folder with an empty folder or a checkpoint folder of
+        its kind. Once the output has its name, what could not be finished (the rename made
+        durable, an old folder removed) is a warning in :attr:`SaveResult.warnings`: the output
+        is in place and verified.
+
         Raises:
-            CkptToolError: ``path`` exists (without ``force``), the write failed, or the written
-                file does not resume as replayed; in every case nothing is left behind.
+            CkptToolError: ``path`` is or holds the input (compared by identity, so a bind
+                mount or a hard link is seen through), exists (without ``force``), is of
+                another kind, the write failed, or the written file does not resume as
+                replayed; in every case nothing is left behind.
         """
         path = os.fspath(path)
         _check_output(self.source, path, force, option)
-        verified = self._write_verified(pending_path(path), verify_steps, progress, staged)
-        path = os.path.realpath(path)
+        target = os.path.realpath(path)
+        # A file replaced keeps its mode; a new one gets the input's, less the umask (as cp).
+        mode = None if self.is_folder else (
+            _mode(target) if os.path.exists(target) else _mode(self.source.path) & ~_umask())
+        verified = self._write_verified(pending_path(path), verify_steps, progress, staged, mode)
         if self.is_folder:  # an existing folder (--force) is renamed aside, then removed
             from ckpttool.folder_output import publish
 
-            publish(pending_path(path), path)
-            return SaveResult(path, verified)
-        os.replace(pending_path(path), path)
-        _fsync_folder_of(path)
-        return SaveResult(path, verified)
+            return SaveResult(target, verified, warnings=publish(pending_path(target), target))
+        _replace(pending_path(target), target)
+        return SaveResult(target, verified, warnings=_synced(target))
 
-    def _write_verified(self, pending: str, verify_steps: int, progress, staged) -> int:
-        """Write to ``pending`` and verify it; on any failure remove it. Returns the steps
-        verified."""
+    def _write_verified(self, pending: str, verify_steps: int, progress, staged,
+                        mode: int | None = None) -> int:
+        """Write to ``pending`` (a file: with the permission bits ``mode``) and verify it; on
+        any failure remove it. Returns the steps verified."""
         from ckpttool.serialization import write_checkpoint
 
         remove = _remove
@@ -178,6 +190,8 @@ class Rescheduled:
         elif staged is None or staged.finish(self.root, progress=progress) is None:
             write_checkpoint(self.source.file, self.root, pending, progress=progress)
         try:
+            if mode is not None:
+                _set_mode(pending, mode)
             verdict = self.verify(pending, verify_steps)
             if verdict is not True:
                 raise StateError(f"the rewritten checkpoint does not resume as replayed "
@@ -194,10 +208,17 @@ class Rescheduled:
         """Rewrite the source file (or folder) itself: the new one is written and verified
         beside it, then the source becomes its backup (unless ``backup=False``:
         ``SOURCE.bak``, or for a checkpoint folder a name its framework does not take for a
-        checkpoint, :func:`ckpttool.folder_output.backup_path`) and the new one takes its name.
-        At every moment one complete copy of the data exists under a known name."""
+        checkpoint, :func:`ckpttool.folder_output.backup_path`) and the new one takes its name
+        (a file keeps the source's mode). At every moment one complete copy of the data exists
+        under a known name.
+
+        Raises:
+            StateError: the source is itself such a backup (:func:`check_in_place`), or its
+                backup exists (without ``force``); or as :meth:`save`.
+        """
         from ckpttool.folder_output import backup_path
 
+        check_in_place(self.source)
         src = os.path.realpath(self.source.path)  # through a symlink: rewrite its target
         bak, why = backup_path(self.source.kind, src)
         if backup and os.path.lexists(bak) and not force:
@@ -208,9 +229,11 @@ class Rescheduled:
 
             check_free(pending, aside_path(src), aside_path(bak))
             verified = self._write_verified(pending, DEFAULT_VERIFY_STEPS, progress, None)
-            publish(pending, src, keep=bak if backup else None)
-            return SaveResult(src, verified, bak if backup else None, why if backup else None)
-        verified = self._write_verified(pending, DEFAULT_VERIFY_STEPS, progress, staged)
+            warnings = publish(pending, src, keep=bak if backup else None)
+            return SaveResult(src, verified, bak if backup else None, why if backup else None,
+                              warnings)
+        verified = self._write_verified(pending, DEFAULT_VERIFY_STEPS, progress, staged,
+                                        _mode(src))
         try:
             if backup:
                 os.replace(src, bak)
@@ -223,8 +246,7 @@ class Rescheduled:
         except BaseException:
             _remove(pending)
             raise
-        _fsync_folder_of(src)
-        return SaveResult(src, verified, bak if backup else None)
+        return SaveResult(src, verified, bak if backup else None, warnings=_synced(src))
 
     def verify(self, path: str, steps: int = DEFAULT_VERIFY_STEPS) -> bool | str:
         """Load ``path`` the documented way and compare the next ``steps`` lrs with the replay
@@ -288,40 +310,136 @@ def _remove(path: str) -> None:
         pass
 
 
-def _fsync_folder_of(path: str) -> None:
-    from ckpttool.serialization import fsync_folder
+def _replace(pending: str, target: str) -> None:
+    """Rename the verified file ``pending`` to ``target``; if that fails, remove it."""
+    try:
+        os.replace(pending, target)
+    except BaseException:
+        _remove(pending)
+        raise
 
-    fsync_folder(os.path.dirname(os.path.abspath(path)))
+
+def _synced(path: str) -> tuple[str, ...]:
+    """fsync the folder of ``path``, which has just taken its name: the warning when that
+    fails (the output is in place), none when done."""
+    from ckpttool.folder_output import sync_warning
+
+    warning = sync_warning(os.path.dirname(os.path.abspath(path)), path)
+    return (warning,) if warning else ()
+
+
+def _mode(path: str) -> int:
+    """The permission bits of the file ``path``."""
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def _umask() -> int:
+    """The process's umask: from /proc where Linux shows it, else set and put back."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _set_mode(path: str, mode: int) -> None:
+    """Give the written file ``path`` the permission bits ``mode``, durably (nothing to do,
+    and no second fsync, when it has them)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
+            os.fchmod(fd, mode) if hasattr(os, "fchmod") else os.chmod(path, mode)
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_in_place(source: Checkpoint) -> None:
+    """Refuse to rewrite in place a checkpoint named as ckpttool names the backups an in-place
+    rewrite keeps (:func:`ckpttool.folder_output.is_backup`): its rewrite would replace the
+    original that backup holds (and, without a backup, lose it).
+
+    Raises:
+        StateError: saying how to reschedule it instead.
+
+    Example:
+        >>> check_in_place(ckpttool.load("run/bak-checkpoint-20"))            # doctest: +SKIP
+        Traceback (most recent call last):
+        StateError: run/bak-checkpoint-20 is named as the backup ...
+    """
+    from ckpttool.folder_output import is_backup
+
+    if is_backup(source.path, source.kind):
+        raise StateError(f"{source.path} is named as the backup ckpttool keeps of a checkpoint "
+                         "rewritten in place; rewriting it in place would replace that "
+                         "original: write a rescheduled copy with -o OUT (or rename it first)")
 
 
 def _check_output(source: Checkpoint, path: str, force: bool, option: str = "-o") -> None:
-    """Refuse an output that is the input, inside or around an input folder, or exists
-    (without ``force``); ``option`` named it on the command line."""
-    out, src = os.path.realpath(path), os.path.realpath(source.path)
-    if out == src:
-        raise StateError("the output is the input; use --in-place (it keeps a backup)")
-    if source.kind in FOLDER_KINDS:
-        if out.startswith(src + os.sep):
-            raise StateError(f"{path} is inside the input folder {source.path}; write the new "
-                             "folder outside it")
-        if src.startswith(out + os.sep):
-            raise StateError(f"{path} contains the input {source.path}; replacing it would "
-                             f"remove the input: choose another {option}")
-    if os.path.exists(path) and not force:
-        raise StateError(f"{path} exists; pass --force to overwrite it, or choose another "
-                         f"{option}")
-    if source.kind in FOLDER_KINDS:
-        from ckpttool.folder_output import aside_path, check_free
+    """Refuse an output that is the input, inside or around an input folder (by identity:
+    :func:`ckpttool.folder_output.relation`), of another kind than the output (a folder over a
+    file, a file over a folder, a folder over a folder that is not a checkpoint of this kind
+    and not empty), or that exists (without ``force``); ``option`` named it on the command
+    line."""
+    from ckpttool.folder_output import aside_path, check_free, relation
 
+    out = os.path.realpath(path)
+    where = relation(path, source.path)
+    if where == "same":
+        raise StateError("the output is the input; use --in-place (it keeps a backup)")
+    if where == "inside":
+        raise StateError(f"{path} is inside the input folder {source.path}; write the new "
+                         "folder outside it")
+    if where == "contains":
+        raise StateError(f"{path} contains the input {source.path}; replacing it would "
+                         f"remove the input: choose another {option}")
+    if os.path.exists(path):
+        _check_replaceable(source, path, option)
+        if not force:
+            raise StateError(f"{path} exists; pass --force to overwrite it, or choose another "
+                             f"{option}")
+    if source.kind in FOLDER_KINDS:
         check_free(pending_path(out), aside_path(out))
+
+
+def _check_replaceable(source: Checkpoint, path: str, option: str) -> None:
+    """Refuse an existing ``path`` that the output of ``source`` must not replace, even with
+    --force: only a file replaces a file, and a checkpoint folder replaces an empty folder or
+    a checkpoint folder of its own kind."""
+    from ckpttool.directories import directory_kind
+
+    folder = source.kind in FOLDER_KINDS
+    if os.path.isdir(path):
+        if not folder:
+            name = os.path.basename(os.path.normpath(source.path))
+            raise StateError(f"{path} is a folder; name the output file ({option} "
+                             f"{os.path.join(path, name)})")
+        kind = directory_kind(path)
+        if kind != source.kind and os.listdir(path):
+            what = f"a {kind} checkpoint" if kind else "not a checkpoint folder"
+            raise StateError(f"{path} exists and is {what}; --force replaces only an empty "
+                             f"folder or a checkpoint folder of its kind ({source.kind}): "
+                             f"choose another {option}, or move it away first")
+    elif not os.path.isfile(path) or folder:
+        what = "a file" if os.path.isfile(path) else "neither a file nor a folder"
+        raise StateError(f"{path} exists and is {what}; a "
+                         f"{'checkpoint folder' if folder else 'checkpoint file'} cannot "
+                         f"replace it: choose another {option}")
 
 
 def start_output(source: Checkpoint, path: str | os.PathLike, *, optimizer: str | None = None,
                  scheduler_state: str | None = None, force: bool = False,
                  option: str = "-o") -> Any:
     """Start copying the tensor records that a reschedule of ``optimizer`` cannot change into
-    the file that will become ``path`` (or, for ``--in-place``, the source), before the replay (which imports torch) runs; pass the result to
-    :meth:`Rescheduled.save`. None where nothing can be staged (a legacy file; no storages).
+    the file that will become ``path`` (or, for ``--in-place``, the source), before the replay
+    (which imports torch) runs; pass the result to :meth:`Rescheduled.save`. None where nothing
+    can be staged (a legacy file; no storages). The output is checked first (as ``save``
+    checks it; ``--in-place``: :func:`check_in_place`).
 
     The records kept are the input's storages, in the order its pickle names them, up to the
     first one inside the param groups or the scheduler that the rewrite replaces
@@ -331,7 +449,9 @@ def start_output(source: Checkpoint, path: str | os.PathLike, *, optimizer: str 
     from ckpttool.serialization import StagedWrite, TensorRef, walk
 
     path = os.fspath(path)
-    if os.path.realpath(path) != os.path.realpath(source.path):  # --in-place passes the source
+    if os.path.realpath(path) == os.path.realpath(source.path):  # --in-place passes the source
+        check_in_place(source)
+    else:
         _check_output(source, path, force, option)
     file = source.file
     if source.kind in FOLDER_KINDS or file.kind != "torch-zip" or not file.storage_order:
@@ -363,6 +483,9 @@ class SaveResult:
     verified_steps: int
     backup: str | None = None  # --in-place: where the original now is
     backup_why: str | None = None  # why the backup is not named SOURCE.bak
+    # what could not be finished once the output had its name (a rename not made durable, an
+    # old folder left aside), one line each: the output is in place and verified
+    warnings: tuple[str, ...] = ()
 
 
 LOAD_ORDER = ("optimizer = Opt(params, ...); scheduler = <new constructor line>(optimizer); "

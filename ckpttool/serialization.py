@@ -681,12 +681,14 @@ class _Refused(pickle.UnpicklingError):
 class _CopyBudget(threading.local):
     """How many more elements the pickle being read in this thread may have calls copy.
 
-    Calls copy their arguments (``*args``; set(x), Counter(x), bytearray(x) copy x), so a few
-    bytes of pickle that call again and again with one large memoized argument would allocate
-    without bound during unpickling, before any check of the tree could run.
+    Calls copy their arguments (``*args``; set(x), Counter(x), bytearray(x) copy x), and BUILD
+    copies its state into an OrderedDict's attributes, so a few bytes of pickle that call or
+    BUILD again and again with one large memoized argument would allocate without bound during
+    unpickling, before any check of the tree could run.
     """
 
     left: int | None = None  # None: no pickle is being read
+    built: list | None = None  # the dicts made in this pickle that take BUILD (see _Build)
 
     def charge(self, n: int) -> None:
         if self.left is not None:
@@ -697,6 +699,32 @@ class _CopyBudget(threading.local):
 
 
 _copies = _CopyBudget()
+
+
+class _Build:
+    """BUILD on an OrderedDict or a Counter the pickle made (torch gives a state dict its
+    ``_metadata`` so): set as the instance's own ``__setstate__`` while the pickle is read,
+    which BUILD calls instead of copying the state into the instance's attributes itself, so
+    that the copy is charged to the budget. Removed when the pickle is read."""
+
+    __slots__ = ("target",)
+
+    def __init__(self, target: dict):
+        self.target = target
+
+    def __call__(self, state: Any) -> None:
+        slots = None
+        if isinstance(state, tuple) and len(state) == 2:  # (state, slot state), as BUILD allows
+            state, slots = state
+        parts = [p for p in (state, slots) if p is not None]
+        if not all(isinstance(p, dict) for p in parts):
+            raise pickle.UnpicklingError("BUILD state of an OrderedDict that is not a dict")
+        _copies.charge(sum(len(p) for p in parts))
+        for part in parts:
+            if "__setstate__" in part or "__dict__" in part:
+                raise _Refused(f"the pickle gives an {type(self.target).__name__} an attribute "
+                               "that hides its class's own: the file is damaged or hostile")
+            vars(self.target).update(part)
 
 
 class _Global:
@@ -739,6 +767,9 @@ class _Global:
         value = self._target(*args)
         if value is NotImplemented:  # arguments the stand-in does not model: record the call
             value = opaque_class(self.module, self.name)(*args)
+        elif type(value) in (OrderedDict, Counter) and _copies.built is not None:
+            vars(value)["__setstate__"] = _Build(value)
+            _copies.built.append(value)
         return value
 
     def __setstate__(self, state: Any) -> None:
@@ -1035,10 +1066,13 @@ class SafeUnpickler(pickle.Unpickler):
         _prescan(f, start, end)
         f.seek(start)
         _copies.left = _COPY_ALLOWANCE + end - start
+        _copies.built = []
         try:
             value = super().load()
         finally:
-            _copies.left = None
+            for built in _copies.built:
+                vars(built).pop("__setstate__", None)
+            _copies.left = _copies.built = None
         _check_tree(value, max(EXPANDED_VALUES_LIMIT, f.tell() - start))
         return value
 

@@ -323,3 +323,66 @@ def test_the_summary_names_hf_schedules_and_the_position_of_chained_schedulers()
     chained = ckpttool.load(ROOT / "fixtures/schedulers/ChainedScheduler.pt")
     assert chained.schedulers[0].last_epoch is None  # stored by its children only
     assert render.show_summary_row(chained)[2] == str(chained.schedulers[0].children[0].last_epoch)
+
+
+# --- what one input's write must not destroy ----------------------------------------------------
+
+
+def test_a_folder_search_skips_ckpttools_backups(sweep):
+    """In-place backups (NAME.bak, an HF Trainer folder's bak-NAME) are the originals of
+    rewritten checkpoints, never inputs of a search; named on their own they are read."""
+    acc = ROOT / "fixtures/dirs/accelerate"
+    hf = ROOT / "fixtures/dirs/hf_trainer/checkpoint-20"
+    shutil.copytree(acc, sweep / "runs" / "state")
+    shutil.copytree(acc, sweep / "runs" / "state.bak")
+    shutil.copytree(hf, sweep / "runs" / "checkpoint-20")
+    shutil.copytree(hf, sweep / "runs" / "bak-checkpoint-20")
+    _make(sweep / "runs", {"bak-notes/last.pt": COSINE, "last.pt.bak": COSINE})
+    assert [f.name for f in ckpttool.expand_paths(["runs"])] == [
+        "bak-notes/last.pt", "checkpoint-20", "state"]
+    assert [f.path for f in ckpttool.expand_paths(["runs/bak-checkpoint-20", "runs/state.bak"])
+            ] == ["runs/bak-checkpoint-20", "runs/state.bak"]
+
+
+def test_an_output_that_is_another_input_is_refused_before_anything_is_written(run_cli, sweep):
+    """sweep/run1/last.pt would be written to out/run1/last.pt, the second input, before that
+    one is read: refused, nothing written, --force or not."""
+    _make(sweep / "out", {"run1/last.pt": COSINE})
+    before = _files(sweep)
+    result = run_cli("reschedule", "sweep", "out/run1/last.pt", "--out-dir", "out", "--force",
+                     "--scale-lr", "0.5")
+    assert result.exit_code == EXIT_ERROR and len(result.stderr.splitlines()) == 1
+    assert ("the output of sweep/run1/last.pt, out/run1/last.pt, is the input "
+            "out/run1/last.pt: it would be replaced before it is read") in result.stderr
+    assert _files(sweep) == before
+
+
+def test_check_targets_compares_places_not_spellings(sweep, monkeypatch):
+    """Every way one write can destroy another input, each also through a second path to the
+    same folder that string comparison cannot see (realpath made blind, as to a bind mount)."""
+    from ckpttool.errors import StateError
+
+    acc = ROOT / "fixtures/dirs/accelerate"
+    shutil.copytree(acc, sweep / "runs" / "state")
+    shutil.copytree(acc, sweep / "runs" / "state.bak")
+    _make(sweep / "runs", {"state/sub/x.pt": COSINE})
+    os.symlink(sweep / "runs", sweep / "alias")
+    monkeypatch.setattr(os.path, "realpath", os.path.abspath)
+    for inputs, targets, message in [
+        (["sweep/run1/last.pt", "sweep/run2/last.pt"], ["o/last.pt", "o/./last.pt"],
+         "sweep/run1/last.pt and sweep/run2/last.pt would both be written to o/./last.pt"),
+        (["sweep/run1/last.pt", "runs/state"], ["alias/state", None],
+         "the output of sweep/run1/last.pt, alias/state, is the input runs/state"),
+        (["sweep/run1/last.pt", "runs/state"], ["alias/state/new.pt", None],
+         "alias/state/new.pt, lies inside the input runs/state"),
+        (["runs/state/sub/x.pt", "runs/state"], [None, "alias/state"],
+         "the output of runs/state, alias/state, contains the input runs/state/sub/x.pt"),
+    ]:
+        with pytest.raises(StateError, match=message.replace(".", r"\.")):
+            batch.check_targets(inputs, targets)
+    inputs = ["runs/state", "alias/state.bak"]
+    batch.check_targets(inputs, inputs)  # without backups, state.bak is another input
+    with pytest.raises(StateError, match="alias/state.bak is where --in-place keeps the backup "
+                                         "of runs/state"):
+        batch.check_targets(inputs, inputs, backups=True)
+    batch.check_targets(["sweep/run1/last.pt"], ["sweep/run1/last.pt"])  # its own: save()'s

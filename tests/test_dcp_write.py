@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -22,7 +23,9 @@ import torch.distributed.checkpoint as dcp
 from conftest import ROOT, record_durability
 from torch import nn
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 from torch.optim import lr_scheduler as lrs
 
 import ckpttool
@@ -693,3 +696,128 @@ def test_opaque_value_in_a_new_entry_is_refused(tmp_path):
     with pytest.raises(StateError, match="extra/x"):
         write_dcp(src, root, tmp_path / "out")
 
+
+
+def test_a_folder_saved_without_flattening_keeps_its_entries(tmp_path):
+    """dcp.save with DefaultSavePlanner(flatten_state_dict=False) stores each top-level value as
+    one entry. The output keeps that layout (the model's entry where it lay, the changed ones
+    stored anew as a whole), and dcp.load with the same planner loads it: the weights and
+    moments as saved, the groups and the scheduler of a run that used the new schedule from
+    step 0, which it then follows bit for bit."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
+
+    torch.manual_seed(0)
+    model = _model()
+    opt = _adamw(list(model.parameters()))
+    sched = _cosine(opt)
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    for _ in range(6):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        sched.step()
+    folder = tmp_path / "unflat"
+    dcp.save({"model": model.state_dict(), "optim": opt.state_dict(),
+              "scheduler": sched.state_dict()}, checkpoint_id=str(folder),
+             planner=DefaultSavePlanner(flatten_state_dict=False))
+    assert sorted(_metadata(folder).state_dict_metadata) == ["model", "optim", "scheduler"]
+
+    plan = ckpttool.reschedule(folder, scheduler="MultiStepLR(milestones=[2, 8, 8, 11], gamma=0.5)")
+    assert plan.dcp.written == ("optim", "scheduler")
+    plan.save(tmp_path / "out")
+    ours, theirs = _metadata(tmp_path / "out"), _metadata(folder)
+    assert sorted(ours.state_dict_metadata) == ["model", "optim", "scheduler"]
+    assert ours.storage_data[MetadataIndex("model")] == theirs.storage_data[MetadataIndex("model")]
+
+    def load(path):
+        # (flatten_sharded_tensors=False: else the planner fills a copy of the dict)
+        state = {"model": {}, "optim": {}, "scheduler": {}}
+        dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(
+            flatten_state_dict=False, flatten_sharded_tensors=False))
+        return state
+
+    before, after = load(folder), load(tmp_path / "out")
+    for name, weight in before["model"].items():
+        assert torch.equal(after["model"][name], weight)
+    assert after["optim"]["state"].keys() == before["optim"]["state"].keys()
+    for key, state in before["optim"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(after["optim"]["state"][key][name], value)
+    ref_opt, ref_sched, expected = _from_scratch(_multistep, 6)
+    assert after["scheduler"] == ref_sched.state_dict()
+    assert [(g["lr"], g["initial_lr"]) for g in after["optim"]["param_groups"]] == [
+        (g["lr"], g["initial_lr"]) for g in ref_opt.param_groups]
+    opt2 = _adamw([torch.zeros(1, requires_grad=True) for _ in range(4)])
+    sched2 = _multistep(opt2)
+    opt2.load_state_dict({"state": {}, "param_groups": after["optim"]["param_groups"]})
+    sched2.load_state_dict(after["scheduler"])
+    assert _lrs(opt2, sched2, RESUMED) == expected
+
+
+def test_an_entry_stored_inside_the_metadata_is_refused(tmp_path, run_cli):
+    """An entry whose bytes lie in .metadata itself would point into the new .metadata of a
+    rewrite: refused when the folder is read, one line."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    for name, data in _files(SINGLE).items():
+        (folder / name).write_bytes(data)
+    md = _metadata(folder)
+    index = next(k for k in md.storage_data if k.fqn == "model.0.weight")
+    info = md.storage_data[index]
+    blob = (folder / info.relative_path).read_bytes()[info.offset:info.offset + info.length]
+    offset = 0
+    for _ in range(5):  # the entry right after the pickle that names its offset
+        md.storage_data[index] = _StorageInfo(".metadata", offset, info.length)
+        data = pickle.dumps(md)
+        if len(data) == offset:
+            break
+        offset = len(data)
+    (folder / ".metadata").write_bytes(data + blob)
+    result = run_cli("show", folder)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert ("the storage of 'model.0.weight' lies in .metadata itself, where "
+            "torch.distributed.checkpoint stores no entry") in result.stderr
+
+
+def test_entries_laid_out_otherwise_are_kept_or_refused(tmp_path):
+    """Lists stored item by item (`scheduler.base_lrs.0`) stay so; a flat key that is not its
+    path's (a layout no flattening gives) is refused rather than renamed."""
+    folder = _saved(tmp_path, _cosine)
+    md = _metadata(folder)
+    for key, path in list(md.planner_data.items()):
+        if path in (("scheduler", "base_lrs"), ("scheduler", "_last_lr")):
+            del md.planner_data[key], md.state_dict_metadata[key]
+            md.planner_data[key + ".0"], md.planner_data[key + ".1"] = path + (0,), path + (1,)
+    index = {k.fqn: k for k in md.storage_data}
+    blobs = (folder / "__0_0.distcp").read_bytes()
+    extra = bytearray()
+    for key in ("scheduler.base_lrs", "scheduler._last_lr"):  # each item an entry of its own
+        info = md.storage_data.pop(index[key])
+        values = torch.load(io.BytesIO(blobs[info.offset:info.offset + info.length]))
+        for i, value in enumerate(values):
+            blob = io.BytesIO()
+            torch.save(value, blob)
+            md.state_dict_metadata[f"{key}.{i}"] = BytesStorageMetadata()
+            md.storage_data[MetadataIndex(f"{key}.{i}")] = _StorageInfo(
+                "__1_0.distcp", len(extra), len(blob.getvalue()))
+            extra += blob.getvalue()
+    (folder / "__1_0.distcp").write_bytes(bytes(extra))
+    (folder / ".metadata").write_bytes(pickle.dumps(md))
+    plan = ckpttool.reschedule(folder, sets=["T_max=60"])
+    assert "scheduler._last_lr.0" in plan.dcp.written
+    plan.save(tmp_path / "out")
+    assert sorted(k for k in _metadata(tmp_path / "out").state_dict_metadata
+                  if k.startswith(("scheduler.base_lrs", "scheduler._last_lr"))) == [
+        "scheduler._last_lr.0", "scheduler._last_lr.1", "scheduler.base_lrs.0",
+        "scheduler.base_lrs.1"]
+
+    renamed = "scheduler.is_initial"  # the path stays ("scheduler", "_is_initial")
+    md.planner_data[renamed] = md.planner_data.pop("scheduler._is_initial")
+    md.state_dict_metadata[renamed] = md.state_dict_metadata.pop("scheduler._is_initial")
+    md.storage_data[MetadataIndex(renamed)] = md.storage_data.pop(
+        MetadataIndex("scheduler._is_initial"))
+    (folder / ".metadata").write_bytes(pickle.dumps(md))
+    with pytest.raises(StateError, match="its entries are not stored as torch.distributed."
+                                         "checkpoint stores a state dict"):
+        ckpttool.reschedule(folder, sets=["T_max=60"]).save(tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()

@@ -22,6 +22,7 @@ from torch.optim import lr_scheduler as lrs
 
 import ckpttool
 from ckpttool.errors import EXIT_ERROR, EXIT_OK, StateError
+from conftest import FIXTURES
 
 L = pytest.importorskip("lightning")
 
@@ -303,3 +304,26 @@ def test_no_step_finding_with_several_optimizers(three):
     assert torch.load(three, weights_only=True)["global_step"] == 3 * 2 * BATCHES
     assert ckpt.schedulers[1].last_epoch == 2 * BATCHES
     assert "lightning-step-mismatch" not in {f.code for f in ckpt.findings}
+
+
+@pytest.mark.parametrize("source", ["three", "two_optimizers"])
+def test_with_several_optimizers_the_step_is_checked_against_the_batches(three, tmp_path,
+                                                                        source):
+    """Manual optimization: the loop's _batches_that_stepped is the count a scheduler stepped
+    every batch is at (the fixture's, and the one trained here); another position is found."""
+    path = three if source == "three" else FIXTURES / "dirs/lightning/two_optimizers.ckpt"
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] == 8
+    at = 1 if source == "three" else 0  # the step-interval scheduler
+    assert ckpt["lr_schedulers"][at]["last_epoch"] == 8
+    ckpt["lr_schedulers"][at]["last_epoch"] = 5  # a scheduler state from elsewhere
+    torch.save(ckpt, tmp_path / "off.ckpt")
+    found = [f for f in ckpttool.load(tmp_path / "off.ckpt").findings
+             if f.code == "lightning-step-mismatch"]
+    assert [f.location for f in found] == [f"lr_schedulers/{at}"]
+    assert "the loop stepped 8 batches (global_step" in found[0].message
+
+
+def test_an_ambiguous_pairing_says_which_options_choose_it(three):
+    (finding,) = [f for f in ckpttool.load(three).findings if f.code == "ambiguous-pairing"]
+    assert f"--scheduler-state {HEAD_SCHED} --optimizer LOCATION" in finding.hint

@@ -337,6 +337,59 @@ def test_in_place_keeps_a_backup(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pt", "in.pt.bak"]
 
 
+def test_a_hard_link_to_the_input_is_the_input(tmp_path):
+    src = tmp_path / "in.pt"
+    src.write_bytes((FIXTURES / "adamw_cosine.pt").read_bytes())
+    os.link(src, tmp_path / "link.pt")
+    plan = ckpttool.reschedule(src, sets=["T_max=80"])
+    with pytest.raises(CkptToolError, match="the output is the input; use --in-place"):
+        plan.save(tmp_path / "link.pt", force=True)
+    assert (tmp_path / "link.pt").read_bytes() == (FIXTURES / "adamw_cosine.pt").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pt", "link.pt"]
+
+
+def test_a_rewritten_file_keeps_the_mode_cp_would_give_it(tmp_path):
+    """A new output: the input's mode less the umask; over an existing file (--force): that
+    file's mode; in place: the input's own mode, backup included."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    src = tmp_path / "in.pt"
+    src.write_bytes((FIXTURES / "adamw_cosine.pt").read_bytes())
+    os.chmod(src, 0o640)
+    plan = ckpttool.reschedule(src, sets=["T_max=80"])
+    plan.save(tmp_path / "new.pt")
+    (tmp_path / "old.pt").write_bytes(b"an earlier output")
+    os.chmod(tmp_path / "old.pt", 0o604)
+    plan.save(tmp_path / "old.pt", force=True)
+    plan.save_in_place()
+
+    def mode(name):
+        return oct(os.stat(tmp_path / name).st_mode & 0o777)
+
+    assert [mode(n) for n in ("new.pt", "old.pt", "in.pt", "in.pt.bak")] == [
+        oct(0o640 & ~umask), oct(0o604), oct(0o640), oct(0o640)]
+
+
+def test_a_folder_sync_failing_after_the_rename_is_a_warning(tmp_path, run_cli, monkeypatch):
+    """The output has its name and is verified: exit 0, and one line saying what to do."""
+    out = tmp_path / "o.pt"
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if out.exists() and os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    result = run_cli("reschedule", FIXTURES / "adamw_cosine.pt", "-o", out, "--set", "T_max=80")
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert result.stderr == (f"ckpttool: warning: {out} is written and verified, but "
+                             f"{tmp_path} could not be synced to disk (Input/output error): "
+                             "run `sync` before relying on it after a power loss\n")
+    assert torch.load(out, weights_only=True)["scheduler"]["T_max"] == 80
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.pt"]
+
+
 # --- the CLI ------------------------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ import torch
 
 import ckpttool
 from ckpttool import rescheduling
-from ckpttool.errors import EXIT_ERROR, EXIT_OK, CkptToolError, StateError
+from ckpttool.errors import EXIT_ERROR, EXIT_OK, CkptToolError, InputError, StateError
 from ckpttool.serialization import TensorRef, read_checkpoint, walk
 from conftest import FIXTURES, record_durability, run_main
 
@@ -44,6 +44,15 @@ def storages(path) -> dict:
     refs = {v.storage.key: v.storage for _, v in walk(file.root)
             if isinstance(v, TensorRef) and v.storage is not None}
     return {key: file.read_storage(ref) for key, ref in refs.items()}
+
+
+def snapshot(path) -> dict | bytes:
+    """A file's bytes, or every file and folder under a folder (relative path -> bytes, None
+    for a folder)."""
+    if not path.is_dir():
+        return path.read_bytes()
+    return {p.relative_to(path).as_posix(): None if p.is_dir() else p.read_bytes()
+            for p in sorted(path.rglob("*"))}
 
 
 def leftovers(folder) -> list[str]:
@@ -219,19 +228,69 @@ def test_json_edits_keep_a_hand_written_layout_or_fall_back_to_the_trainers():
     text = b'{\n "b": 1,\n "max_steps": 40,\n "log": [\n  {\n   "max_steps": 40\n  }\n ]\n}'
     assert json_bytes(text, old, {**old, "max_steps": 80}) == text.replace(
         b' "max_steps": 40,', b' "max_steps": 80,')
+    # Windows line endings stay what they were, on the edited line too
+    crlf = text.replace(b"\n", b"\r\n")
+    assert json_bytes(crlf, old, {**old, "max_steps": 80}) == crlf.replace(
+        b' "max_steps": 40,', b' "max_steps": 80,')
+    last = b'{\r\n "b": 1,\r\n "max_steps": 40\r\n}\r\n'  # the value ends its line
+    assert json_bytes(last, {"b": 1, "max_steps": 40}, {"b": 1, "max_steps": 80}) == \
+        last.replace(b"40", b"80")
+    nested = {**old, "log": [{"max_steps": 80}]}  # not editable in place: the Trainer's format
+    assert json_bytes(crlf, old, nested) == (
+        json.dumps(nested, indent=2, sort_keys=True) + "\n").replace("\n", "\r\n").encode()
 
 
 def test_force_replaces_an_existing_folder_and_without_it_nothing_changes(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    shutil.copytree(ACCELERATE, out)  # an earlier output
     (out / "old.txt").write_text("the old output")
     plan = ckpttool.reschedule(ACCELERATE, optimizer="optimizer.bin", sets=["T_max=40"])
     with pytest.raises(StateError, match="exists; pass --force"):
         plan.save(out)
-    assert os.listdir(out) == ["old.txt"]
+    assert "old.txt" in os.listdir(out)
     plan.save(out, force=True)
     assert sorted(os.listdir(out)) == sorted(os.listdir(ACCELERATE))
     assert leftovers(tmp_path) == ["out"]
+    (tmp_path / "empty").mkdir()
+    plan.save(tmp_path / "empty", force=True)  # an empty folder is replaced too
+    assert sorted(os.listdir(tmp_path / "empty")) == sorted(os.listdir(ACCELERATE))
+
+
+@pytest.mark.parametrize("existing", ["notes", "dcp", "file"])
+def test_force_never_replaces_what_is_not_a_checkpoint_folder_of_the_kind(tmp_path, run_cli,
+                                                                          existing):
+    """--force replaces an earlier output, not a folder of notes (or another kind of checkpoint,
+    or a file) that happens to be named OUT: refused, one line, nothing written."""
+    out = tmp_path / "P"
+    if existing == "notes":
+        (out / "sub").mkdir(parents=True)
+        (out / "notes.txt").write_text("data")
+    elif existing == "dcp":
+        shutil.copytree(DIRS / "dcp" / "single", out)
+    else:
+        out.write_text("data")
+    before = snapshot(out)
+    result = run_cli("reschedule", ACCELERATE, "--optimizer", "optimizer.bin", "--set",
+                     "T_max=40", "-o", out, "--force")
+    assert result.exit_code == EXIT_ERROR and result.stderr.count("\n") == 1, result.stderr
+    assert {"notes": "is not a checkpoint folder; --force replaces only an empty folder or a "
+                     "checkpoint folder of its kind (accelerate)",
+            "dcp": "is a dcp checkpoint; --force replaces only",
+            "file": "exists and is a file; a checkpoint folder cannot replace it"}[existing] \
+        in result.stderr
+    assert snapshot(out) == before
+    assert leftovers(tmp_path) == ["P"]
+
+
+def test_a_file_output_onto_a_folder_is_refused_and_leaves_nothing(tmp_path, run_cli):
+    (tmp_path / "out").mkdir()
+    for force in ((), ("--force",)):
+        result = run_cli("reschedule", FIXTURES / "adamw_cosine.pt", "-o", tmp_path / "out",
+                         "--set", "T_max=80", *force)
+        assert result.exit_code == EXIT_ERROR, result.stdout
+        assert (f"{tmp_path / 'out'} is a folder; name the output file (-o "
+                f"{tmp_path / 'out' / 'adamw_cosine.pt'})") in result.stderr
+        assert leftovers(tmp_path) == ["out"] and os.listdir(tmp_path / "out") == []
 
 
 def test_at_every_moment_one_complete_folder_exists(tmp_path, monkeypatch):
@@ -410,6 +469,205 @@ def test_a_stale_pending_folder_is_reported_not_removed(tmp_path):
     with pytest.raises(StateError, match="interrupted ckpttool run"):
         plan.save(tmp_path / "out")
     assert leftovers(tmp_path) == [".out.ckpttool-new"]
+
+
+# --- what a write must never destroy or leave behind -------------------------------------------
+
+
+def test_a_second_in_place_pass_over_a_folder_of_runs_leaves_the_backups_alone(tmp_path,
+                                                                               run_cli):
+    """A folder search never takes ckpttool's backups (bak-checkpoint-N) for inputs: the second
+    pass, even with --no-backup, rewrites the checkpoints, never the originals kept."""
+    pytest.importorskip("transformers")
+    runs = tmp_path / "S"
+    shutil.copytree(HF20, runs / "run1" / "checkpoint-20")
+    shutil.copytree(HF20, runs / "run2" / "checkpoint-20")
+    first = run_cli("reschedule", runs, "--in-place", "--set", "num_training_steps=80")
+    assert first.exit_code == EXIT_OK, first.stderr
+    second = run_cli("reschedule", runs, "--in-place", "--no-backup", "--set",
+                     "num_training_steps=100")
+    assert second.exit_code == EXIT_OK, second.stderr
+    assert second.stdout.splitlines()[-1] == "2 inputs: 2 written and verified"
+    assert files(runs / "run1" / "bak-checkpoint-20") == files(HF20)
+    assert files(runs / "run2" / "bak-checkpoint-20") == files(HF20)
+    assert ckpttool.load(runs / "run1" / "checkpoint-20").hf.max_steps == 100
+    assert leftovers(runs / "run1") == ["bak-checkpoint-20", "checkpoint-20"]
+    # named on its own, a backup is read (show), and rewritten only as a copy
+    backup = runs / "run1" / "bak-checkpoint-20"
+    assert run_cli("show", backup).exit_code == EXIT_OK
+    refused = run_cli("reschedule", backup, "--in-place", "--no-backup", "--set",
+                      "num_training_steps=100")
+    assert refused.exit_code == EXIT_ERROR and refused.stderr.count("\n") == 1
+    assert ("is named as the backup ckpttool keeps of a checkpoint rewritten in place; "
+            "rewriting it in place would replace that original: write a rescheduled copy with "
+            "-o OUT") in refused.stderr
+    assert files(backup) == files(HF20)
+    copied = run_cli("reschedule", backup, "-o", tmp_path / "c20", "--set",
+                     "num_training_steps=100")
+    assert copied.exit_code == EXIT_OK, copied.stderr
+
+
+def test_write_folder_leaves_a_pending_folder_it_did_not_make(tmp_path):
+    """Two runs to one target: the second finds the first one's pending folder and stops,
+    leaving it (and what it holds) as it is."""
+    from ckpttool.folder_output import write_folder
+
+    for source, options in [(DIRS / "dcp" / "single", {"sets": ["gamma=0.25"]}),
+                            (ACCELERATE, {"optimizer": "optimizer.bin", "sets": ["T_max=40"]})]:
+        pending = tmp_path / f".{source.name}.ckpttool-new"
+        pending.mkdir()
+        (pending / "other-run-data").write_text("x")
+        plan = ckpttool.reschedule(source, **options)
+        with pytest.raises(StateError, match="exists"):
+            write_folder(plan.source.file, plan.root, str(pending))
+        assert os.listdir(pending) == ["other-run-data"]
+
+
+@pytest.mark.parametrize("source, options", [
+    (ACCELERATE, {"optimizer": "optimizer.bin", "sets": ["T_max=40"]}),
+    (DIRS / "dcp" / "single", {"sets": ["gamma=0.25"]}),
+], ids=["accelerate", "dcp"])
+def test_a_link_out_of_the_folder_is_refused_before_anything_is_copied(tmp_path, source,
+                                                                      options):
+    """A link to the checkpoint's parent would copy the parent, pending folder included, into
+    itself without end: refused at once. A linked file is copied as its bytes."""
+    par = tmp_path / "par"
+    shutil.copytree(source, par / "c20")
+    (tmp_path / "outside.txt").write_text("kept")
+    os.symlink(tmp_path / "outside.txt", par / "c20" / "notes.txt")
+    plan = ckpttool.reschedule(par / "c20", **options)
+    os.symlink("..", par / "c20" / "up")
+    with pytest.raises(InputError, match=rf"up: a link to the folder {par}, outside the "
+                                         "checkpoint; .* remove the link"):
+        plan.save(par / "out")
+    assert leftovers(par) == ["c20"]
+    os.remove(par / "c20" / "up")
+    plan.save(par / "out")
+    assert not os.path.islink(par / "out" / "notes.txt")
+    assert (par / "out" / "notes.txt").read_text() == "kept"
+
+
+def _alias(tmp_path):
+    """runs/state (an accelerate folder) and `alias`, a second path to runs/."""
+    shutil.copytree(ACCELERATE, tmp_path / "runs" / "state")
+    os.symlink(tmp_path / "runs", tmp_path / "alias")
+    return tmp_path / "runs" / "state", tmp_path / "alias"
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "around"])
+def test_the_input_is_recognised_by_identity_not_by_its_spelling(tmp_path, monkeypatch, where):
+    """An output reached by another path to the input folder (here a symlinked parent, with
+    realpath unable to see through it, as it cannot see through a bind mount) is refused."""
+    folder, alias = _alias(tmp_path)
+    monkeypatch.setattr(os.path, "realpath", os.path.abspath)
+    out = {"same": alias / "state", "inside": alias / "state" / "new", "around": alias}[where]
+    plan = ckpttool.reschedule(folder, optimizer="optimizer.bin", sets=["T_max=40"])
+    message = {"same": "the output is the input", "inside": "is inside the input folder",
+               "around": "contains the input"}[where]
+    with pytest.raises(StateError, match=message):
+        plan.save(out, force=True)
+    assert files(folder) == files(ACCELERATE)
+    assert leftovers(tmp_path / "runs") == ["state"]
+
+
+def test_a_bind_mount_of_the_input_is_seen_through(tmp_path):
+    """The real case: the input folder reached through a bind mount (root only)."""
+    import subprocess
+
+    folder = tmp_path / "src" / "c20"
+    shutil.copytree(ACCELERATE, folder)
+    (tmp_path / "mnt").mkdir()
+    if os.name != "posix" or os.geteuid() != 0 or subprocess.run(
+            ["mount", "--bind", tmp_path / "src", tmp_path / "mnt"],
+            capture_output=True).returncode != 0:
+        pytest.skip("bind mounts need root")
+    try:
+        plan = ckpttool.reschedule(folder, optimizer="optimizer.bin", sets=["T_max=40"])
+        for out, message in [(tmp_path / "mnt" / "c20", "the output is the input"),
+                             (tmp_path / "mnt" / "c20" / "new", "inside the input folder"),
+                             (tmp_path / "mnt", "contains the input")]:
+            with pytest.raises(StateError, match=message):
+                plan.save(out, force=True)
+        assert files(folder) == files(ACCELERATE)
+    finally:
+        subprocess.run(["umount", tmp_path / "mnt"], check=True)
+
+
+def test_a_failure_after_the_rename_is_a_warning_and_the_output_stands(tmp_path, run_cli,
+                                                                       monkeypatch):
+    """Once the new folder has its name, an fsync of its parent that fails, or an old folder
+    that cannot be removed, is a warning saying what is left where: exit 0, output in place."""
+    out = tmp_path / "out"
+    shutil.copytree(ACCELERATE, out)  # an earlier output, replaced with --force
+    aside = tmp_path / ".out.ckpttool-old"
+    renamed = []
+    real_rename, real_fsync, real_rmtree = os.rename, os.fsync, shutil.rmtree
+
+    def rename(a, b):
+        real_rename(a, b)
+        renamed.append(os.path.basename(b))
+
+    def fsync(fd):
+        if "out" in renamed and os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    def rmtree(path, *args, ignore_errors=False, **kwargs):
+        if os.fspath(path) == str(aside):
+            if ignore_errors:
+                return
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        real_rmtree(path, *args, ignore_errors=ignore_errors, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    args = ("reschedule", ACCELERATE, "--optimizer", "optimizer.bin", "--set", "T_max=40",
+            "-o", out, "--force")
+    result = run_cli(*args)
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert "verified: " in result.stdout
+    assert result.stderr.splitlines() == [
+        f"ckpttool: warning: {out} is written and verified, but {tmp_path} could not be synced "
+        "to disk (Input/output error): run `sync` before relying on it after a power loss",
+        f"ckpttool: warning: the old {out} is left at {aside} (it could not be removed: "
+        f"Permission denied); remove it: ckpttool refuses to write {out} again while it is "
+        "there"]
+    assert ckpttool.load(out).schedulers[0].args["T_max"] == 40
+    assert files(aside) == files(ACCELERATE)
+    monkeypatch.undo()
+    again = run_cli(*args)
+    assert again.exit_code == EXIT_ERROR and "interrupted ckpttool run" in again.stderr
+
+
+def test_rewritten_files_keep_the_mode_of_those_they_replace(tmp_path):
+    """A 0600 checkpoint stays 0600: the rewritten files get the mode their copies would
+    (the input file's, writable by its owner, less the umask), as the copied ones do."""
+    pytest.importorskip("transformers")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for source, options, new in [(HF20, {"sets": ["num_training_steps=80"]}, ()),
+                                 (DIRS / "dcp" / "single", {"sets": ["gamma=0.25"]},
+                                  ("__ckpttool_0.distcp",))]:
+        folder = tmp_path / source.name
+        shutil.copytree(source, folder)
+        for name in os.listdir(folder):
+            os.chmod(folder / name, 0o600)
+        ckpttool.reschedule(folder, **options).save(tmp_path / f"{source.name}-out")
+        modes = {name: oct(os.stat(tmp_path / f"{source.name}-out" / name).st_mode & 0o777)
+                 for name in sorted(os.listdir(folder)) + list(new)}
+        assert modes == dict.fromkeys(modes, oct(0o600 & ~umask))
+
+
+def test_a_crlf_trainer_state_keeps_its_line_endings(tmp_path):
+    pytest.importorskip("transformers")
+    folder = tmp_path / "checkpoint-20"
+    shutil.copytree(HF20, folder)
+    crlf = (HF20 / "trainer_state.json").read_bytes().replace(b"\n", b"\r\n")
+    (folder / "trainer_state.json").write_bytes(crlf)
+    ckpttool.reschedule(folder, sets=["num_training_steps=80"]).save(tmp_path / "out")
+    assert (tmp_path / "out" / "trainer_state.json").read_bytes() == crlf.replace(
+        b'\r\n  "max_steps": 40,\r\n', b'\r\n  "max_steps": 80,\r\n')
 
 
 @pytest.mark.parametrize("source, options", [
