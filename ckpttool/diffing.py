@@ -25,7 +25,7 @@ from typing import Any
 
 from ckpttool.directories import read_any
 from ckpttool.errors import InputError
-from ckpttool.inspection import Checkpoint, OptimizerInfo, SchedulerReport, inspect_file
+from ckpttool.inspection import Checkpoint, OptimizerInfo, inspect_file
 from ckpttool.serialization import (
     ByteRun,
     Marker,

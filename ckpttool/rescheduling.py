@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import os
+import secrets
 import stat
 import warnings
 from collections.abc import Callable, Mapping
@@ -235,12 +236,18 @@ class Rescheduled:
         verified = self._write_verified(pending, DEFAULT_VERIFY_STEPS, progress, staged,
                                         _mode(src))
         try:
-            if backup:
+            # The backup becomes a second name of the source, then the new file takes the
+            # source's name in one rename: the name never goes missing. Where hard links
+            # cannot be made, the source is renamed to the backup first.
+            linked = backup and _link(src, bak)
+            if backup and not linked:
                 os.replace(src, bak)
             try:
                 os.replace(pending, src)
             except BaseException:
-                if backup:
+                if linked:
+                    _remove(bak)
+                elif backup:
                     os.replace(bak, src)  # put the original back under its own name
                 raise
         except BaseException:
@@ -301,6 +308,30 @@ def pending_path(target: str) -> str:
     file a symlink points to: a symlinked target is written through, as ``cp`` does)."""
     folder, name = os.path.split(os.path.realpath(target))
     return os.path.join(folder, f".{name}.ckpttool-new")
+
+
+def _link(src: str, target: str) -> bool:
+    """Make ``target`` a second name of the file ``src`` (replacing a ``target`` there, in one
+    rename); False where the filesystem or the OS does not allow a hard link."""
+    try:
+        os.link(src, target)
+        return True
+    except FileExistsError:  # --force over an old backup: link beside it, then replace it
+        pass
+    except OSError:
+        return False
+    folder, name = os.path.split(target)
+    tmp = os.path.join(folder, f".{name[:180]}.{secrets.token_hex(4)}.ckpttool-link")
+    try:
+        os.link(src, tmp)
+    except OSError:
+        return False
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        _remove(tmp)
+        raise
+    return True
 
 
 def _remove(path: str) -> None:
@@ -531,7 +562,7 @@ def choose_states(ckpt: Checkpoint, optimizer: str | None = None,
     """
     if scheduler_state is None:
         opt = _choose_optimizer(ckpt, optimizer)
-        return ChosenStates(opt, _paired_scheduler(ckpt, opt))
+        return _unique(ckpt, ChosenStates(opt, _paired_scheduler(ckpt, opt)))
     sched = next((s for s in ckpt.schedulers if s.location == scheduler_state), None)
     if sched is None:
         listed = ", ".join(s.location or "?" for s in ckpt.schedulers) or "none"
@@ -564,7 +595,20 @@ def choose_states(ckpt: Checkpoint, optimizer: str | None = None,
     if others:
         notes.append(f"{', '.join(map(str, others))} {'is' if len(others) == 1 else 'are'} "
                      f"also paired (or may be) with {opt.location}; left as stored")
-    return ChosenStates(opt, sched, tuple(notes))
+    return _unique(ckpt, ChosenStates(opt, sched, tuple(notes)))
+
+
+def _unique(ckpt: Checkpoint, chosen: ChosenStates) -> ChosenStates:
+    """``chosen``, unless a location it names is shared by another state: a key holding a ``/``
+    (``{"a/b": ..., "a": {"b": ...}}``) makes two states answer to ``a/b``, and a rewrite of
+    one could land on the other."""
+    locations = [s.location for s in (*ckpt.optimizers, *ckpt.schedulers)]
+    for state in (chosen.optimizer, chosen.scheduler):
+        if state is not None and locations.count(state.location) > 1:
+            raise StateError(f"{ckpt.path}: two states are at {state.location!r} (a key holds a "
+                             "'/'), so ckpttool cannot tell which to rewrite; rename the key in "
+                             "the script that saves it")
+    return chosen
 
 
 def _choose_optimizer(ckpt: Checkpoint, location: str | None) -> OptimizerInfo:
@@ -952,12 +996,15 @@ def _replay_device(opt: OptimizerInfo, device: str | None, notes: list[str]) -> 
     if device is None:
         if saved is None:
             return None
-        device = saved
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            notes.append(f"the lr tensors were saved on {saved}, and no CUDA device is here: "
-                         "re-stepped on cpu (use --device to choose)")
-            return "cpu"
-        return device
+        from ckpttool.schedule import device_usable
+
+        if device_usable(saved):
+            return saved
+        why = ("no CUDA device is here" if saved.startswith("cuda")
+               else "torch cannot use that device here")
+        notes.append(f"the lr tensors were saved on {saved}, and {why}: re-stepped on cpu, "
+                     f"written back on {saved} (use --device to choose)")
+        return "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise StateError(f"--device {device}: no CUDA device here; use --device cpu")
     return device

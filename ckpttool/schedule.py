@@ -762,6 +762,18 @@ def logged_lr(scheduler: Any) -> float:
 _RESUME_KEYS = ("lr", "momentum", "betas")
 
 
+def device_usable(device: str) -> bool:
+    """Whether torch can put a tensor on ``device`` in this process (a CUDA device on a machine
+    without one, an ``mps`` or ``xla`` device, a damaged name: not)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return False  # without initialising CUDA
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, ValueError, TypeError, AssertionError):
+        return False
+    return True
+
+
 def move_tensors(value: Any, device: str) -> Any:
     """A copy of a (materialised) tree with its tensors on ``device``."""
     if isinstance(value, torch.Tensor):
@@ -805,7 +817,7 @@ def verify_resume(plan: Any, file: TorchFile, steps: int) -> bool | str:
         return f"no scheduler at {plan.scheduler} in the written file"
     device = None
     lrs = [g.lr_tensor for g in opt.groups if g.lr_tensor is not None]
-    if lrs and (not lrs[0].device.startswith("cuda") or torch.cuda.is_available()):
+    if lrs and device_usable(lrs[0].device):
         device = lrs[0].device
     groups = materialize(list(opt.state["param_groups"]), file, device)
     state = materialize(sched_report.state, file, device)

@@ -5,8 +5,8 @@
 after each rename the write makes (the process kills itself after that os call returns), and at
 random moments. After each kill:
 
-- the input is intact: the same bytes (``--in-place``: under its own name, or, killed between
-  its two renames, under ``IN.bak``, the new file complete beside it);
+- the input is intact: the same bytes (``--in-place``: under its own name, always: the backup
+  is a second link to it, and the new file takes its name in one rename);
 - the output is absent, or complete: byte-identical to what an uninterrupted run writes;
 - what is left is only ckpttool's hidden names (``.OUT.ckpttool-new``,
   ``..OUT.ckpttool-new.*.tmp``), and the next run to the same output succeeds and leaves none
@@ -228,13 +228,16 @@ def test_kill_9_during_reschedule_in_place(big, tmp_path):
     bak = tmp_path / "run.pt.bak"
     pending = tmp_path / ".run.pt.ckpttool-new"
     args = ["reschedule", str(path), "--in-place", *SET]
-    # renames: the temporary file becomes the pending file; the input becomes the backup; the
-    # pending file takes the input's name. (The copy itself is killed above, for -o.)
-    for what, when in _moments("in-place", renames=[3, 2, 1], copying=False):
+    # the temporary file becomes the pending file (rename 1); the backup is made as a second
+    # link to the input (link 1); the pending file takes the input's name (rename 2), so the
+    # input's name is never empty. (The copy itself is killed above, for -o.)
+    moments = _moments("in-place", renames=[2], copying=False) + [
+        ("after link 1", ("link", 1)), ("after rename 1", ("replace", 1))]
+    for what, when in moments:
         shutil.copyfile(source, path)
         bak.unlink(missing_ok=True)
         pending.unlink(missing_ok=True)
-        code = _kill(args, when, tmp_path)
+        _kill(args, when, tmp_path)
         if path.exists():
             digest = _digest(path)
             assert digest in (source_digest, ref_digest), f"a damaged file after a kill {what}"
@@ -242,9 +245,8 @@ def test_kill_9_during_reschedule_in_place(big, tmp_path):
                 assert _digest(bak) == source_digest
             else:
                 assert not bak.exists() or _digest(bak) == source_digest
-        else:  # killed between the renames: the original is the backup, the new file complete
-            assert code is None and what == "after rename 2"
-            assert _digest(bak) == source_digest and _digest(pending) == ref_digest
+        else:
+            raise AssertionError(f"the input's name is empty after a kill {what}")
         _only_ckpttool_names(tmp_path, "run.pt")
     # The next run handles what the last kill left (a pending file, the input in place).
     assert pending.exists() and _digest(path) == source_digest and not bak.exists()

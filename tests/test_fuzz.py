@@ -680,18 +680,27 @@ def test_found_an_uncalled_allowlisted_global_is_a_value(tmp_path, caplog):
     assert not [r for r in caplog.records if r.name.startswith("deepdiff")]
 
 
-def test_found_a_device_torch_does_not_know(tmp_path):
-    """A tensor lr whose storage names a device torch cannot parse: reschedule says which and
-    what to pass, instead of torch's RuntimeError."""
+@pytest.mark.parametrize("device", [b"xyz", b"mps"], ids=["unknown", "not-here"])
+def test_found_a_device_torch_does_not_know(tmp_path, device):
+    """A tensor lr whose storage names a device torch cannot use here (a name it does not
+    know, or mps on Linux): re-stepped on cpu with a note, written back on that device, instead
+    of torch's RuntimeError; --device on it is refused in one line."""
     from ckpttool.cli import cli
+    from ckpttool.serialization import read_checkpoint
 
     records = _rewritten_pickle(FIXTURES / "tensor_lr.pt",
-                                lambda p: p.replace(b"X\x03\0\0\0cpu", b"X\x03\0\0\0xyz"))
-    path = tmp_path / "c.pt"
+                                lambda p: p.replace(b"X\x03\0\0\0cpu", b"X\x03\0\0\0" + device))
+    path, out = tmp_path / "c.pt", tmp_path / "out.pt"
     path.write_bytes(repack(records))
+    result = CliRunner().invoke(cli, ["reschedule", str(path), "-o", str(out), "--set", "T_max=40"])
+    assert result.exit_code == 0, result.stderr
+    assert f"saved on {device.decode()}, and torch cannot use that device here: re-stepped on " \
+           "cpu" in result.stdout and "verified" in result.stdout
+    lr = read_checkpoint(out).root["optimizer"]["param_groups"][0]["lr"]
+    assert lr.device == device.decode()
     line = _one_line(CliRunner().invoke(cli, ["reschedule", str(path), "--dry-run", "--set",
-                                              "T_max=40"]))
-    assert "'xyz'" in line and "--device cpu" in line
+                                              "T_max=40", "--device", device.decode()]))
+    assert device.decode() in line and "--device cpu" in line
 
 
 def test_found_a_state_torch_cannot_load_is_refused_at_verification(tmp_path):

@@ -337,6 +337,49 @@ def test_in_place_keeps_a_backup(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pt", "in.pt.bak"]
 
 
+@pytest.mark.parametrize("links", [True, False], ids=["hard-link", "no-hard-links"])
+@pytest.mark.parametrize("force", [False, True], ids=["new-backup", "over-a-backup"])
+def test_in_place_never_leaves_the_source_name_empty(tmp_path, monkeypatch, links, force):
+    """The backup is made as a second name of the source, and the new file then takes the
+    source's name in one rename; where hard links fail, the old order (rename to the backup,
+    then the new file in) is kept."""
+    src, bak = tmp_path / "in.pt", tmp_path / "in.pt.bak"
+    original = (FIXTURES / "adamw_cosine.pt").read_bytes()
+    src.write_bytes(original)
+    if force:
+        bak.write_bytes(b"an older backup")
+    gaps = []
+    real_replace, real_link = os.replace, os.link
+
+    def replace(a, b, *args, **kwargs):
+        real_replace(a, b, *args, **kwargs)
+        gaps.append(not os.path.exists(src))
+
+    def link(a, b, *args, **kwargs):
+        if not links:
+            raise OSError(1, "Operation not permitted")
+        return real_link(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "link", link)
+    result = ckpttool.reschedule(src, sets=["T_max=80"]).save_in_place(force=force)
+    assert gaps and any(gaps) is not links  # with a hard link, never a moment without in.pt
+    assert bak.read_bytes() == original and result.backup == str(bak)
+    assert torch.load(src, weights_only=True)["scheduler"]["T_max"] == 80
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pt", "in.pt.bak"]
+
+
+def test_two_states_at_one_location_are_refused(tmp_path):
+    """A key holding a '/' ({"a/b": ..., "a": {"b": ...}}) puts two states at "a/b"."""
+    ckpt = torch.load(FIXTURES / "adamw_cosine.pt", weights_only=True)
+    twin = copy.deepcopy(ckpt["optimizer"])
+    twin["param_groups"][0]["lr"] = 0.5
+    torch.save({"a/b": ckpt["optimizer"], "a": {"b": twin}, "sched": ckpt["scheduler"]},
+               tmp_path / "two.pt")
+    with pytest.raises(CkptToolError, match="two states are at 'a/b'"):
+        ckpttool.reschedule(tmp_path / "two.pt", optimizer="a/b", sets=["T_max=80"])
+
+
 def test_a_hard_link_to_the_input_is_the_input(tmp_path):
     src = tmp_path / "in.pt"
     src.write_bytes((FIXTURES / "adamw_cosine.pt").read_bytes())
