@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 DATA = Path(__file__).resolve().parent / "_data"
+# Commands run as a user's would: with Python's bytecode cache (a sandbox or CI image may set
+# PYTHONDONTWRITEBYTECODE, which makes every ckpttool start compile its modules again).
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 _in_builder = False
 
 
@@ -62,7 +65,7 @@ def make_checkpoint(path: Path, gigabytes: float = 4.0, *, seed: int = 0) -> Pat
 def run(cmd: list[str]) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of one command, run to completion."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
