@@ -26,7 +26,12 @@ class _Group(click.Group):
 
     def main(self, args=None, prog_name=None, **extra):
         args = list(sys.argv[1:] if args is None else args)
-        debug = "--debug" in args
+        # --debug is the group's option, taken anywhere before a `--` (`ckpttool show --debug
+        # X` as well as `ckpttool --debug show X`).
+        end = args.index("--") if "--" in args else len(args)
+        debug = "--debug" in args[:end]
+        if debug:
+            args = ["--debug"] + [a for a in args[:end] if a != "--debug"] + args[end:]
         # A path that is not UTF-8 (its bytes as surrogates) is printed as its bytes, as ls
         # does, under any locale (Python's own default for it depends on the locale).
         if getattr(sys.stdout, "errors", None) == "strict":
@@ -333,10 +338,11 @@ def reschedule(sources, output, out_dir, in_place, spec, sets, lrs, scale_lr, st
     The real torch scheduler is re-stepped to the resume step, so the output holds exactly what
     a run with the new schedule would hold there; tensor bytes are copied untouched. The output
     is re-read and verified before ckpttool says so. A checkpoint folder (HF Trainer
-    checkpoint-N/, accelerate save_state()) becomes a new folder, every file not rewritten
-    copied; for an HF folder it prints the TrainingArguments to resume with. Several INs (or a folder of runs, or a
-    pattern) are each written atomically, with a summary at the end; if any fails, the others
-    are still written and the exit code is 2.
+    checkpoint-N/, accelerate save_state(), torch.distributed.checkpoint) becomes a new
+    folder, every file or shard not rewritten copied; for an HF folder it prints the
+    TrainingArguments to resume with. Several INs (or a folder of runs, or a pattern) are each
+    written atomically, with a summary at the end; if any fails, the others are still written
+    and the exit code is 2.
 
     \b
     Example:

@@ -762,7 +762,8 @@ def inspect_file(file: TorchFile, *, verify: bool = False,
         if trusted is None:
             raise UnsafeCheckpointError(
                 f"{file.path}: the pickle calls {named}, which would run code on "
-                "torch.load(weights_only=False); nothing was executed. Do not load this file")
+                "torch.load(weights_only=False); nothing was executed. Do not load this file "
+                "(--trust inspects it anyway, still running nothing)")
         trusted.append((file.path, dangerous))
         findings.append(Finding(
             "unsafe-pickle", "error", "",

@@ -139,7 +139,7 @@ class Rescheduled:
 
     def save(self, path: str | os.PathLike, *, force: bool = False,
              verify_steps: int = DEFAULT_VERIFY_STEPS, progress=None,
-             staged: Any = None, option: str = "-o") -> SaveResult:
+             staged: Any = None, option: str | None = None) -> SaveResult:
         """Write the rewritten checkpoint to ``path`` and verify the resume, atomically.
 
         The file is written beside ``path`` under a hidden name, verified there, and only then
@@ -411,7 +411,8 @@ def check_in_place(source: Checkpoint) -> None:
                          "original: write a rescheduled copy with -o OUT (or rename it first)")
 
 
-def _check_output(source: Checkpoint, path: str, force: bool, option: str = "-o") -> None:
+def _check_output(source: Checkpoint, path: str, force: bool,
+                  option: str | None = None) -> None:
     """Refuse an output that is the input, inside or around an input folder (by identity:
     :func:`ckpttool.folder_output.relation`), of another kind than the output (a folder over a
     file, a file over a folder, a folder over a folder that is not a checkpoint of this kind
@@ -419,6 +420,9 @@ def _check_output(source: Checkpoint, path: str, force: bool, option: str = "-o"
     line."""
     from ckpttool.folder_output import aside_path, check_free, relation
 
+    # from the command line, the option that named it; from Python, save()'s arguments
+    force_text = "--force" if option else "force=True"
+    option = option or "path"
     out = os.path.realpath(path)
     where = relation(path, source.path)
     if where == "same":
@@ -432,8 +436,8 @@ def _check_output(source: Checkpoint, path: str, force: bool, option: str = "-o"
     if os.path.exists(path):
         _check_replaceable(source, path, option)
         if not force:
-            raise StateError(f"{path} exists; pass --force to overwrite it, or choose another "
-                             f"{option}")
+            raise StateError(f"{path} exists; pass {force_text} to overwrite it, or choose "
+                             f"another {option}")
     if source.kind in FOLDER_KINDS:
         check_free(pending_path(out), aside_path(out))
 
@@ -465,7 +469,7 @@ def _check_replaceable(source: Checkpoint, path: str, option: str) -> None:
 
 def start_output(source: Checkpoint, path: str | os.PathLike, *, optimizer: str | None = None,
                  scheduler_state: str | None = None, force: bool = False,
-                 option: str = "-o") -> Any:
+                 option: str | None = None) -> Any:
     """Start copying the tensor records that a reschedule of ``optimizer`` cannot change into
     the file that will become ``path`` (or, for ``--in-place``, the source), before the replay
     (which imports torch) runs; pass the result to :meth:`Rescheduled.save`. None where nothing

@@ -1305,7 +1305,8 @@ def _unpickled(path: str, unpickler: SafeUnpickler, what: str = "checkpoint's pi
     if dangerous:
         raise UnsafeCheckpointError(
             f"{path}: the pickle names {name_calls(dangerous)}, code that would run on "
-            "torch.load(weights_only=False); nothing was executed. Do not load this file")
+            "torch.load(weights_only=False); nothing was executed. Do not load this file "
+            "(--trust inspects it anyway, still running nothing)")
     if isinstance(error, _Refused):
         raise InputError(f"{path}: {error}")
     if isinstance(error, RecursionError):

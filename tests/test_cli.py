@@ -402,3 +402,17 @@ def test_a_big_output_draws_a_writing_bar(tmp_path, monkeypatch, capsys):
         (tmp_path / "out.pt").unlink()
         code, out, err = _writing(tmp_path, monkeypatch, capsys, extra, tty=tty)
         assert code == EXIT_OK and err == "" and "verified" in out
+
+
+def test_debug_is_taken_after_the_command_too():
+    # `ckpttool show --debug X` as well as `ckpttool --debug show X`: the traceback, not a line
+    for args in (["show", "--debug", "fixtures/bad/empty.pt"],
+                 ["--debug", "show", "fixtures/bad/empty.pt"]):
+        proc = subprocess.run([sys.executable, "-m", "ckpttool", *args], cwd=ROOT,
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and "Traceback" in proc.stderr, proc.stderr
+    # after `--`, it is a path
+    proc = subprocess.run([sys.executable, "-m", "ckpttool", "show", "--", "--debug"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "--debug" in proc.stderr

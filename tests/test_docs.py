@@ -74,7 +74,7 @@ def test_python_api_example_runs(monkeypatch, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "CosineAnnealingLR(T_max=40, eta_min=1e-05) 16 optimizer" in out
     assert "True" in out and "0 (0.001, 0.0005)" in out
-    assert (tmp_path / "longer.pt").exists()
+    assert (tmp_path / "extended.pt").exists()
     assert "False 0" in out and "optimizer/param_groups/0/initial_lr 0.001 -> 0.0005" in out
 
 

@@ -304,7 +304,7 @@ def test_output_exists_needs_force_and_input_is_untouched(tmp_path):
     out = tmp_path / "out.pt"
     out.write_bytes(b"keep me")
     plan = ckpttool.reschedule(src, sets=["T_max=80"])
-    with pytest.raises(CkptToolError, match="--force"):
+    with pytest.raises(CkptToolError, match="exists; pass force=True to overwrite it, or choose another path"):
         plan.save(out)
     assert out.read_bytes() == b"keep me"
     plan.save(out, force=True)

@@ -245,7 +245,7 @@ def test_force_replaces_an_existing_folder_and_without_it_nothing_changes(tmp_pa
     shutil.copytree(ACCELERATE, out)  # an earlier output
     (out / "old.txt").write_text("the old output")
     plan = ckpttool.reschedule(ACCELERATE, optimizer="optimizer.bin", sets=["T_max=40"])
-    with pytest.raises(StateError, match="exists; pass --force"):
+    with pytest.raises(StateError, match="exists; pass force=True"):
         plan.save(out)
     assert "old.txt" in os.listdir(out)
     plan.save(out, force=True)
