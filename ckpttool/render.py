@@ -642,7 +642,9 @@ def plot_text(series: Any, width: int = 80) -> str:
     panel_w = max(len(p) for p, _ in panels)
     label_w = max((len(label) for _, label, *_ in rows), default=0)
     lead = 2 + panel_w + 2 + label_w + 2
-    columns = max(10, min(series.horizon + 1, width - lead - 2 - max(map(len, ranges),
+    # one column per step at most (more would leave blank columns), at least 10 when the
+    # terminal is narrow
+    columns = min(series.horizon + 1, max(10, width - lead - 2 - max(map(len, ranges),
                                                                        default=0)))
     lines = [f"{series.path}  [{series.optimizer}]  {series.caption}"]
     lines += [textwrap.fill(f"{name}: {curve.call}", max(width, 40), initial_indent="  ",

@@ -525,3 +525,11 @@ def test_hf_plot_without_transformers_names_the_extra(run_cli, monkeypatch):
     assert result.exit_code == EXIT_ERROR
     assert "needs transformers: pip install 'ckpttool[hf]'" in result.stderr
     assert len(result.stderr.splitlines()) == 1
+
+
+def test_a_short_run_gets_one_column_per_step_and_no_gaps(run_cli):
+    # 8 steps drawn in 8 columns: a blank column would read as a missing step
+    out = run_cli("plot", ROOT / "fixtures/dirs/dcp/single").stdout
+    row = next(line for line in out.splitlines() if "group 0" in line)
+    spark = row.split("group 0")[1].split()[0]
+    assert spark == "███▄▄▄▁▁"
