@@ -186,7 +186,31 @@ class HFSpec:
                 scheduler_specific_kwargs=extra or None)
         except (ValueError, TypeError, KeyError) as e:
             text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            valid = hf_arguments(self.name)
+            unknown = [k for k in self.args if valid is not None and k not in valid]
+            if unknown:
+                close = difflib.get_close_matches(unknown[0], valid, n=1)
+                text = (f"hf:{self.name} has no argument {unknown[0]!r}"
+                        + (f"; did you mean {close[0]}?" if close else "")
+                        + f"; valid: {', '.join(valid)}")
             raise SpecError(f"transformers refused {self.text}: {text}") from None
+
+
+def hf_arguments(name: str) -> list[str] | None:
+    """The arguments of transformers' named schedule ``name`` (``num_warmup_steps``,
+    ``num_training_steps`` and its own), from the function ``get_scheduler`` calls; None when
+    transformers or the name is not known."""
+    try:
+        import inspect
+
+        from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+        from transformers.trainer_utils import SchedulerType
+
+        function = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]
+        names = list(inspect.signature(function).parameters)
+    except Exception:  # an older or newer transformers laid out otherwise: no list
+        return None
+    return [n for n in names if n not in ("optimizer", "last_epoch")]
 
 
 @dataclass(frozen=True)

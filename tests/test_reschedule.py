@@ -899,3 +899,17 @@ def test_hf_spec_set_and_missing_transformers(tmp_path, monkeypatch):
     with pytest.raises(CkptToolError, match=r"pip install 'ckpttool\[hf\]'"):
         ckpttool.reschedule(FIXTURES / "adamw_cosine.pt", scheduler="hf:linear(num_warmup_steps=5, "
                             "num_training_steps=40)")
+
+
+def test_an_unknown_hf_argument_lists_the_valid_ones():
+    pytest.importorskip("transformers")
+    with pytest.raises(CkptToolError, match=r"hf:linear has no argument 'num_training_step'; "
+                       r"did you mean num_training_steps\?; valid: num_warmup_steps, "
+                       r"num_training_steps$"):
+        ckpttool.reschedule(ROOT / "fixtures/dirs/hf_trainer/checkpoint-20",
+                            sets=["num_training_step=80"])
+    with pytest.raises(CkptToolError, match=r"hf:cosine has no argument 'T_max'; valid: "
+                       r"num_warmup_steps, num_training_steps, num_cycles"):
+        ckpttool.reschedule(FIXTURES / "adamw_cosine.pt",
+                            scheduler="hf:cosine(num_warmup_steps=2, num_training_steps=40, "
+                            "T_max=3)")
