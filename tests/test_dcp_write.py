@@ -126,13 +126,14 @@ def _raw_template(model: nn.Module, opt) -> dict:
     return sd
 
 
-def _resume_single(folder: Path, make) -> tuple[nn.Module, object, object]:
-    """Load a raw-state folder the documented way: model, optimizer, the new scheduler
-    constructed, then dcp.load into their state dicts and load_state_dict each."""
+def _resume_single(folder: Path, make, make_opt=None) -> tuple[nn.Module, object, object]:
+    """Load a raw-state folder the documented way: model, optimizer (``make_opt``, default
+    the fixture's AdamW), the new scheduler constructed, then dcp.load into their state dicts
+    and load_state_dict each."""
     torch.manual_seed(99)  # other weights than the saved ones: the load must bring them
     model = _model()
     w0, b0, w2, b2 = model.parameters()
-    opt = _adamw([w0, b0, w2, b2])
+    opt = (make_opt or _adamw)([w0, b0, w2, b2])
     # state ids follow the groups: 0.weight, 2.weight, 0.bias, 2.bias
     sched = make(opt)
     state = {"model": model.state_dict(), "optim": _raw_template(_Ordered(model), opt),
@@ -600,17 +601,7 @@ def test_tensor_lr_rewritten_as_new_tensor_entries(tmp_path):
     lr_md = md.state_dict_metadata["optim.param_groups.0.lr"]
     assert (lr_md.properties.dtype, tuple(lr_md.size), len(lr_md.chunks)) == (torch.float64, (), 1)
 
-    torch.manual_seed(99)
-    model = _model()
-    w0, b0, w2, b2 = model.parameters()
-    opt = _adam_tensor_lr([w0, b0, w2, b2])
-    sched = _cosine(opt)
-    state = {"model": model.state_dict(), "optim": _raw_template(_Ordered(model), opt),
-             "scheduler": sched.state_dict()}
-    dcp.load(state, checkpoint_id=str(out))
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optim"])
-    sched.load_state_dict(state["scheduler"])
+    _, opt, sched = _resume_single(out, _cosine, _adam_tensor_lr)
     assert opt.param_groups[0]["lr"].dtype == torch.float64
     assert _lrs(opt, sched, RESUMED) == expected
 

@@ -75,14 +75,7 @@ def resumed_lrs(path: Path, make_opt, make_sched, steps: int = 3) -> list[float]
     sched = make_sched(opt)
     opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
-    out = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for _ in range(steps):
-            opt.step()
-            sched.step()
-            out.append(opt.param_groups[0]["lr"])
-    return out
+    return _next_lrs(opt, sched, steps)
 
 
 def reference_lrs(make_opt, make_sched, at: int, steps: int = 3) -> list[float]:
@@ -90,6 +83,11 @@ def reference_lrs(make_opt, make_sched, at: int, steps: int = 3) -> list[float]:
     opt = make_opt(_params())
     sched = make_sched(opt)
     _stepped(opt, sched, at)
+    return _next_lrs(opt, sched, steps)
+
+
+def _next_lrs(opt, sched, steps: int) -> list[float]:
+    """The first group's lr after each of the next ``steps`` steps."""
     out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
