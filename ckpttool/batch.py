@@ -170,10 +170,10 @@ def check_targets(inputs: list[str], targets: list[str | None], *,
             raise StateError(f"{inputs[written[p.key]]} and {inputs[i]} would both be written "
                              f"to {target}; give them different names")
         written[p.key] = i
-        others = [j for j in [by_key.get(p.key)] if j is not None and j != i]
-        if others:
+        same = by_key.get(p.key)
+        if same is not None and same != i:
             raise StateError(f"the output of {inputs[i]}, {target}, is the input "
-                             f"{inputs[others[0]]}: it would be replaced before it is read; "
+                             f"{inputs[same]}: it would be replaced before it is read; "
                              "choose another output")
         inside = [j for j in (by_key.get((ident, ())) for ident in p.around)
                   if j is not None and j != i]
@@ -186,8 +186,7 @@ def check_targets(inputs: list[str], targets: list[str | None], *,
                              "read; choose another output")
         if backups:
             path = os.path.realpath(inputs[i])
-            kind = directory_kind(path) if os.path.isdir(path) else "file"
-            bak = place(backup_path(kind or "folder", path)[0])
+            bak = place(backup_path(directory_kind(path) or "", path)[0])
             j = by_key.get(bak.key)
             if j is not None and j != i:
                 raise StateError(f"{inputs[j]} is where --in-place keeps the backup of "

@@ -140,7 +140,7 @@ def _trust_option(command):
     def run(*args, trust: bool = False, **kwargs):
         if not trust:
             return command(*args, **kwargs)
-        from ckpttool.inspection import name_calls
+        from ckpttool.serialization import name_calls
         from ckpttool.serialization import trusting
 
         with trusting() as trusted:

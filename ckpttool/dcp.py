@@ -65,6 +65,7 @@ from ckpttool.serialization import (
     TensorRef,
     TorchFile,
     _unpickled,
+    contiguous_stride,
     is_dangerous_global,
     join_location,
     opaque_class,
@@ -134,7 +135,7 @@ def read_dcp(path: str | os.PathLike) -> DCPDir:
     tree, members = reader.build(meta)
     names = sorted(os.listdir(path))
     used = {DCP_METADATA, *reader.sizes}
-    size = sum(os.path.getsize(os.path.join(path, n)) for n in used)
+    size = os.path.getsize(meta_path) + sum(reader.sizes.values())  # (each shard's, once)
     globals_seen = list(dict.fromkeys(meta_globals + [g for m in members.values()
                                                       for g in m.globals_seen]))
     version = meta.get("version")
@@ -464,20 +465,17 @@ class _Reader:
             raise self.bad(f"the chunks of {what} do not cover it exactly once")
         self.entries[key] = (path, StoredTensor(dtype, size, fields["properties"].state,
                                                 tuple(stored)))
-        stride = _contiguous(size)
+        ref = TensorRef(dtype, size, contiguous_stride(size), 0,
+                        StorageRef("tensor:" + key, dtype, "cpu", numel, "dcp"))
         if len(boxes) == 1 or numel == 0:
             # One chunk holds it all (or there is nothing to hold): located directly.
             entry = boxes[0][2] if boxes else None
-            ref = TensorRef(dtype, size, stride, 0,
-                            StorageRef("tensor:" + key, dtype, "cpu", numel, "dcp"))
             self.owners[id(ref.storage)] = _Chunk(self.folder, entry, dtype, size, what)
             return ref, len(chunks)
-        ref = TensorRef(dtype, size, stride, 0,
-                        StorageRef("tensor:" + key, dtype, "cpu", numel, "dcp"))
         self.owners[id(ref.storage)] = _Sharded(what, len(boxes))
         pieces = []
         for i, (offsets, sizes, entry) in enumerate(boxes):
-            piece = TensorRef(dtype, sizes, _contiguous(sizes), 0,
+            piece = TensorRef(dtype, sizes, contiguous_stride(sizes), 0,
                               StorageRef(f"chunk:{i}:{key}", dtype, "cpu", math.prod(sizes),
                                          "dcp"))
             self.owners[id(piece.storage)] = _Chunk(self.folder, entry, dtype, sizes,
@@ -528,10 +526,6 @@ def _plain_name(name: str) -> bool:
     return (bool(name) and name not in (".", "..") and "\0" not in name
             and not any(s in name for s in seps) and not os.path.isabs(name)
             and ":" not in name[1:2])
-
-
-def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
 
 
 def _overlap(boxes: list[tuple[tuple, tuple, Any]]) -> bool:

@@ -66,6 +66,7 @@ from ckpttool.folder_output import (
     finish_progress,
     make_pending,
     member_mode,
+    new_file,
     remove_tree,
     size_of,
 )
@@ -194,9 +195,9 @@ def write_dcp(source: DCPDir, root: Mapping, pending_dir: str | os.PathLike,
             copy_tree(os.path.join(source.path, name), os.path.join(pending_dir, name),
                       copied.add)
         if changes.shard:
-            _write_new(os.path.join(pending_dir, changes.shard), shard_bytes, mode)
+            new_file(os.path.join(pending_dir, changes.shard), mode, shard_bytes)
             copied.add(len(shard_bytes))
-        _write_new(os.path.join(pending_dir, DCP_METADATA), metadata, mode)
+        new_file(os.path.join(pending_dir, DCP_METADATA), mode, metadata)
         copied.add(len(metadata))
         fsync_folder(pending_dir)
     except OSError as e:
@@ -529,15 +530,6 @@ def _properties(stored: StoredTensor, key: str) -> Any:
 
 
 # --- files -----------------------------------------------------------------------------------
-
-
-def _write_new(path: str, data: bytes, mode: int) -> None:
-    """A new file holding ``data``, with ``mode`` less the umask, on disk before this returns."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
-    with open(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 __all__ = ["NEW_SHARD", "DCPChanges", "flatten", "plan_changes", "stored_layout",

@@ -23,9 +23,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckpttool.directories import read_any
 from ckpttool.errors import InputError
-from ckpttool.inspection import Checkpoint, OptimizerInfo, inspect_file
+from ckpttool.inspection import Checkpoint, OptimizerInfo, load
 from ckpttool.serialization import (
     ByteRun,
     Marker,
@@ -34,6 +33,7 @@ from ckpttool.serialization import (
     TorchFile,
     children,
     dotted_name,
+    extent,
     join_location,
     same_bytes,
     scalar_value,
@@ -300,7 +300,7 @@ def diff(a: str | os.PathLike | Checkpoint, b: str | os.PathLike | Checkpoint, *
         raise InputError(f"--only {unknown[0]!r}: choose from {', '.join(SECTIONS)}")
     if rtol < 0 or atol < 0 or math.isnan(rtol) or math.isnan(atol):
         raise InputError("--rtol and --atol must be numbers >= 0")
-    ckpt_a, ckpt_b = (x if isinstance(x, Checkpoint) else inspect_file(read_any(x))
+    ckpt_a, ckpt_b = (x if isinstance(x, Checkpoint) else load(x)
                       for x in (a, b))
     rules = _Rules(rtol, atol, tuple(only), tuple(ignore), ckpt_a, ckpt_b)
     tensors_a: dict[tuple, TensorRef] = {}
@@ -596,8 +596,6 @@ def _byte_runs(file_a: TorchFile, ra: TensorRef, file_b: TorchFile,
                rb: TensorRef) -> tuple[ByteRun, ByteRun] | None:
     """The runs of bytes whose equality proves the tensors equal; None when bytes cannot tell
     (another layout, another byte order, or no data at all)."""
-    if ra.storage is None and rb.storage is None:
-        return None
     if (ra.storage is None or rb.storage is None or ra.stride != rb.stride
             or (file_a.byteorder != file_b.byteorder and ra.itemsize > 1)):
         return None
@@ -710,7 +708,7 @@ def _read_numpy_block(np: Any, file: TorchFile, ref: TensorRef, shape: tuple, st
                       offset: int) -> Any:
     """One block of a tensor as a numpy view of its own dtype (native byte order)."""
     size = ref.itemsize
-    n = _extent(shape, stride)
+    n = extent(shape, stride)
     raw = file.read_storage(ref.storage, offset * size, n * size) if n else b""
     dtype = np.dtype(NUMPY_DTYPES[ref.dtype])
     if file.byteorder != "little":
@@ -761,24 +759,17 @@ def _bits_differ(np: Any, x: Any, y: Any, bits: Any) -> Any:
             return (x != y) | (np.isnan(x) != np.isnan(y)) if x.dtype.kind == "f" else x != y
 
 
-def _extent(shape: tuple, stride: tuple) -> int:
-    """Storage elements a view covers from its first element to its last."""
-    if any(n == 0 for n in shape):
-        return 0
-    return 1 + sum((n - 1) * s for n, s in zip(shape, stride))
-
-
 def _blocks(shape: tuple, stride_a: tuple, off_a: int, stride_b: tuple, off_b: int,
             limit: int) -> Iterator[tuple[tuple, tuple, int, tuple, int]]:
     """Pieces of a tensor in logical order, as (shape, stride_a, offset_a, stride_b, offset_b),
     each covering at most ``limit`` storage elements on either side (rows of the outermost
     dimension; a row too big on its own is split in turn). Both sides are cut at the same
     logical indices, so that a tensor laid out differently in A and B still lines up."""
-    if not shape or max(_extent(shape, stride_a), _extent(shape, stride_b)) <= limit:
+    if not shape or max(extent(shape, stride_a), extent(shape, stride_b)) <= limit:
         yield shape, stride_a, off_a, stride_b, off_b
         return
     rows, rest = shape[0], shape[1:]
-    row_a, row_b = _extent(rest, stride_a[1:]), _extent(rest, stride_b[1:])
+    row_a, row_b = extent(rest, stride_a[1:]), extent(rest, stride_b[1:])
     if max(row_a, row_b) > limit:
         for i in range(rows):
             yield from _blocks(rest, stride_a[1:], off_a + i * stride_a[0], stride_b[1:],
@@ -797,7 +788,7 @@ def _blocks(shape: tuple, stride_a: tuple, off_a: int, stride_b: tuple, off_b: i
 def _read_block(torch: Any, file: TorchFile, ref: TensorRef, shape: tuple, stride: tuple,
                 offset: int) -> Any:
     """One block of a tensor as a torch tensor of its own dtype, read raw from the file."""
-    n = _extent(shape, stride)
+    n = extent(shape, stride)
     size = ref.itemsize
     raw = bytearray(file.read_storage(ref.storage, offset * size, n * size)) if n else bytearray()
     flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)

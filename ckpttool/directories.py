@@ -35,6 +35,7 @@ from ckpttool.serialization import (
     StorageRef,
     TensorRef,
     TorchFile,
+    contiguous_stride,
     read_checkpoint,
     walk,
 )
@@ -252,8 +253,7 @@ def _read_safetensors(full: str) -> TorchFile:
             raise InputError(f"{full}: the safetensors entry {name[:80]!r} does not fit the file; "
                              "it is damaged or truncated")
         storage = StorageRef(name, dtype, "cpu", numel, "UntypedStorage")
-        stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-        root[name] = TensorRef(dtype, shape, stride, 0, storage)
+        root[name] = TensorRef(dtype, shape, contiguous_stride(shape), 0, storage)
         spans[name] = (base + begin, nbytes)
     return TorchFile(full, "safetensors", root, [], size, "little", None, spans)
 

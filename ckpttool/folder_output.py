@@ -187,20 +187,6 @@ def aside_path(target: str) -> str:
     return os.path.join(folder, f".{name}{ASIDE_SUFFIX}")
 
 
-def dcp_writer(path: str) -> Callable:
-    """``ckpttool.dcp_write.write_dcp``, which fills a new DCP folder.
-
-    Raises:
-        InputError: that module is not there (DCP folders are then read, not rewritten).
-    """
-    try:
-        from ckpttool.dcp_write import write_dcp
-    except ImportError:
-        raise InputError(f"{path}: rewriting dcp checkpoint folders is not supported yet "
-                         "(`show`, `diff` and `plot` read it); see issue #5") from None
-    return write_dcp
-
-
 def check_free(*paths: str) -> None:
     """Refuse to start when a hidden name this write needs is taken: it is what an interrupted
     run left, and may hold the only complete copy of a checkpoint.
@@ -230,7 +216,8 @@ def write_folder(source: Any, root: Mapping, pending: str, *,
         CkptToolError: a file cannot be read, written or copied; ``pending`` is then removed.
     """
     if source.kind == "dcp":
-        write_dcp = dcp_writer(source.path)
+        from ckpttool.dcp_write import write_dcp  # (it imports this module)
+
         write_dcp(source, root, pending, progress=progress)  # removes what it made on failure
         try:
             fsync_folder(os.path.dirname(os.path.abspath(pending)))
@@ -303,15 +290,20 @@ def member_mode(path: str) -> int:
     return stat.S_IMODE(os.stat(path).st_mode) | stat.S_IWUSR
 
 
-def new_file(path: str, mode: int) -> None:
-    """Create the empty file ``path`` with ``mode`` less the umask (as ``open`` applies it), for
-    a writer that keeps the mode of the file it replaces to fill.
+def new_file(path: str, mode: int, data: bytes | None = None) -> None:
+    """Create the file ``path`` with ``mode`` less the umask (as ``open`` applies it): empty,
+    for a writer that keeps the mode of the file it replaces to fill, or holding ``data``, on
+    disk before this returns.
 
     Raises:
         FileExistsError: ``path`` exists.
     """
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                     mode))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
+    with open(fd, "wb") as f:
+        if data is not None:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def check_links(folder: str) -> None:

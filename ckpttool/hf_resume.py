@@ -29,13 +29,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ckpttool.inspection import HF_SCHEDULER_FILE
 from ckpttool.serialization import Opaque
 
 TRAINER_STATE = "trainer_state.json"
 TRAINING_ARGS = "training_args.bin"
-# The hf: SPEC arguments the Trainer passes itself; every other one is lr_scheduler_kwargs.
-_MAIN_ARGS = ("num_warmup_steps", "num_training_steps")
 
 
 @dataclass(frozen=True)
@@ -62,12 +59,6 @@ class HFResume:
         """The TrainingArguments whose value differs from ``training_args.bin``'s."""
         return tuple(k for k, v in self.training_args.items()
                      if k not in self.stored or not _same(self.stored[k], v))
-
-
-def is_trainer_lambda(ckpt: Any, old: Any) -> bool:
-    """Whether ``old`` is an HF Trainer's LambdaLR, whose lambdas only its folder describes."""
-    return (ckpt.kind == "hf-trainer" and old.location == HF_SCHEDULER_FILE
-            and old.cls in ("LambdaLR", "MultiplicativeLR"))
 
 
 def plan_resume(ckpt: Any, hf_spec: Any, bases: list) -> HFResume:
@@ -105,7 +96,7 @@ def plan_resume(ckpt: Any, hf_spec: Any, bases: list) -> HFResume:
     plain = [b for b in bases if isinstance(b, (int, float)) and not isinstance(b, bool)]
     if plain and len(plain) == len(bases) and all(b == plain[0] for b in plain):
         wanted["learning_rate"] = plain[0]
-    extra = {k: v for k, v in hf_spec.args.items() if k not in _MAIN_ARGS}
+    extra = hf_spec.extra
     if extra or stored.get("lr_scheduler_kwargs"):
         wanted["lr_scheduler_kwargs"] = extra
     changes = {}

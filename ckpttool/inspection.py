@@ -596,7 +596,7 @@ def _verify_all(file: TorchFile, optimizers: list[OptimizerInfo | None],
             groups = schedule.materialize(list(opt.state["param_groups"]), file)
             scheds = [(schedule.materialize(paired[i][0].state, file), paired[i][0].info)
                       for i in mine]
-            named = [spec.parse_spec(paired[i][0].named) if _is_hf(paired[i][0]) else None
+            named = [spec.parse_spec(paired[i][0].named) if is_hf_named(paired[i][0]) else None
                      for i in mine]
             logged = hf.logged if hf is not None and any(named) else ()
             results = schedule.verify_together(opt.cls, groups, scheds, named=named,
@@ -640,7 +640,7 @@ LOGGED_RULES = {
 }
 
 
-def _is_hf(sched: SchedulerReport) -> bool:
+def is_hf_named(sched: SchedulerReport) -> bool:
     """A scheduler named after an HF Trainer folder's settings (an ``hf:`` SPEC)."""
     return (sched.named or "").startswith("hf:")
 
@@ -873,13 +873,19 @@ def _lightning_step_findings(root: Mapping, schedulers: list[SchedulerReport],
 HF_SCHEDULER_FILE = "scheduler.pt"
 
 
+def is_trainer_lambda(sched: SchedulerReport) -> bool:
+    """Whether ``sched`` is an HF Trainer folder's LambdaLR (``scheduler.pt``), whose lambdas
+    only the folder's settings describe."""
+    return sched.location == HF_SCHEDULER_FILE and sched.cls in ("LambdaLR", "MultiplicativeLR")
+
+
 def _with_hf_schedule(hf: HFRun, schedulers: list[SchedulerReport],
                       findings: list[Finding]) -> tuple[list[SchedulerReport], list[Finding]]:
     """An HF Trainer folder's LambdaLR named after training_args.bin, and its findings: its
     lambdas are the Trainer's (not lost), its step must be the Trainer's global_step."""
     out = []
     for sched in schedulers:
-        if sched.location == HF_SCHEDULER_FILE and sched.cls in ("LambdaLR", "MultiplicativeLR"):
+        if is_trainer_lambda(sched):
             if hf.spec is not None:
                 sched = replace(sched, named=hf.spec)
                 findings = [f for f in findings if not (

@@ -736,10 +736,6 @@ def reschedule(source: str | os.PathLike | Checkpoint, *, scheduler: Any = None,
     from ckpttool import schedule, spec
 
     ckpt = source if isinstance(source, Checkpoint) else inspection.load(source)
-    if ckpt.kind == "dcp":  # refused before the replay when its writer is not there
-        from ckpttool.folder_output import dcp_writer
-
-        dcp_writer(ckpt.path)
     chosen = choose_states(ckpt, optimizer, scheduler_state)
     opt, old = chosen.optimizer, chosen.scheduler
     file = ckpt.file
@@ -947,9 +943,9 @@ def _stored_hf_spec(ckpt: Checkpoint, old: SchedulerReport) -> str | None:
     Raises:
         StateError: the Trainer's LambdaLR, and its folder does not say which schedule it is.
     """
-    if old.named is not None and old.named.startswith("hf:"):
+    if inspection.is_hf_named(old):
         return old.named
-    if hf_resume.is_trainer_lambda(ckpt, old):
+    if ckpt.kind == "hf-trainer" and inspection.is_trainer_lambda(old):
         raise StateError(f"{ckpt.path}: {old.location} is the Trainer's LambdaLR, and "
                          "training_args.bin / trainer_state.json do not say its schedule; pass "
                          "it: --scheduler 'hf:linear(num_warmup_steps=W, num_training_steps=N)' "

@@ -344,22 +344,9 @@ def replay(scheduler: Any, steps: int,
         >>> sched.last_epoch, opt.param_groups[0]["lr"]
         (3, 0.0125)
     """
-    if isinstance(scheduler, torch_schedulers.ReduceLROnPlateau):
-        raise ReplayError("ReduceLROnPlateau cannot be replayed: its steps follow metric values "
-                          "that are not stored")
     if steps < 0:
         raise ReplayError(f"cannot replay a negative number of steps ({steps})")
-    step = scheduler.step  # bound once: the loop below is the bare loop, minus a lookup
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_STEP_ORDER_WARNING, category=UserWarning)
-        done = 0
-        while done < steps:
-            n = min(_PROGRESS_EVERY, steps - done)
-            for _ in repeat(None, n):
-                step()
-            done += n
-            if progress is not None:
-                progress(done, steps)
+    _replay_in_turn([scheduler], steps, progress=progress)
 
 
 # --- verification -----------------------------------------------------------------------------

@@ -515,12 +515,10 @@ def _storage(storage: Any) -> StorageRef:
 def _fits(storage: StorageRef, offset: int, shape: tuple, strides: tuple) -> None:
     """A tensor must lie inside its storage (torch.load checks it too): a rewrite copies the
     record as it is, and a reader of the tensor's bytes would read past it."""
-    if 0 in shape:
-        return
-    last = offset + sum((n - 1) * step for n, step in zip(shape, strides))
-    if last >= storage.numel:
+    n = extent(shape, strides)
+    if n and offset + n > storage.numel:
         raise pickle.UnpicklingError(f"a tensor larger than its storage (it reaches element "
-                                     f"{last:,} of {storage.numel:,})")
+                                     f"{offset + n - 1:,} of {storage.numel:,})")
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -1657,11 +1655,29 @@ def storage_extent(ref: TensorRef) -> tuple[int, int]:
     A view (a transpose, a slice with a stride) covers everything from its first to its last
     element; two tensors of one layout whose extents hold equal bytes are equal.
     """
-    start = ref.storage_offset * ref.itemsize
-    if ref.numel == 0:
-        return start, 0
-    last = ref.storage_offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride))
-    return start, (last - ref.storage_offset + 1) * ref.itemsize
+    return ref.storage_offset * ref.itemsize, extent(ref.shape, ref.stride) * ref.itemsize
+
+
+def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a contiguous (row-major) tensor of ``shape``.
+
+    Example:
+        >>> contiguous_stride((2, 3, 4))
+        (12, 4, 1)
+    """
+    return tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+
+
+def extent(shape: tuple, stride: tuple) -> int:
+    """Storage elements a view covers from its first element to its last (0 when empty).
+
+    Example:
+        >>> extent((2, 3), (1, 2))  # a transposed 3x2
+        6
+    """
+    if any(n == 0 for n in shape):
+        return 0
+    return 1 + sum((n - 1) * s for n, s in zip(shape, stride))
 
 
 @dataclass(frozen=True)
@@ -2699,12 +2715,7 @@ def _zip_records(file: TorchFile, storages: _Storages, data_pkl: bytes, *,
         if isinstance(source, NewTensor):
             tensors.append(small(f"data/{key}", _new_bytes(source, file.byteorder)))
             continue
-        info = infos.get(f"{prefix}data/{source}")
-        offset, size = file.storage_spans.get(source, (-1, -1))  # (no record: damaged)
-        # (the reader refuses compressed records: their bytes cannot be copied as they are)
-        if (info is None or info.compress_type != zipfile.ZIP_STORED or offset < 0
-                or size != info.file_size or offset + size > file.size):
-            raise InputError(f"{file.path}: the record of tensor storage {source!r} is damaged")
+        offset, size, info = _stored_record(file, infos, prefix, source)
         tensors.append((f"data/{key}", size, info.CRC, _Span(offset, size)))
     tail = [small("version", version)]
     records = tensors + head + tail if storages_first else head + tensors + tail
@@ -2756,6 +2767,19 @@ def _zip_pieces(file: TorchFile, storages: _Storages, data_pkl: bytes) -> list:
     return pieces + [_zip_end(central, end)]
 
 
+def _stored_record(file: TorchFile, infos: dict, prefix: str,
+                   key: str) -> tuple[int, int, zipfile.ZipInfo]:
+    """(offset, size, zip entry) of the storage record ``key``, whose bytes are copied as they
+    are; a record that is missing, compressed (the reader refuses those too) or reaching past
+    the file is damage."""
+    info = infos.get(f"{prefix}data/{key}")
+    offset, size = file.storage_spans.get(key, (-1, -1))  # (no record: damaged)
+    if (info is None or info.compress_type != zipfile.ZIP_STORED or offset < 0
+            or size != info.file_size or offset + size > file.size):
+        raise InputError(f"{file.path}: the record of tensor storage {key!r} is damaged")
+    return offset, size, info
+
+
 class StagedWrite:
     """A zip rewrite that copies the big unchanged tensor records while the new tree is still
     being computed (``ckpttool reschedule`` imports torch and replays the schedule meanwhile).
@@ -2805,12 +2829,7 @@ class StagedWrite:
             big = sum(self.file.storage_spans.get(k, (0, 0))[1]
                       for k in self.keep) >= _PHASE_MIN_BYTES
             for i, key in enumerate(self.keep):
-                info = infos.get(f"{prefix}data/{key}")
-                offset, size = self.file.storage_spans.get(key, (-1, -1))
-                if (info is None or info.compress_type != zipfile.ZIP_STORED or offset < 0
-                        or size != info.file_size or offset + size > self.file.size):
-                    raise InputError(f"{self.file.path}: the record of tensor storage {key!r} "
-                                     "is damaged")
+                offset, size, info = _stored_record(self.file, infos, prefix, key)
                 phase = offset if big and i == 0 and offset % STORAGE_ALIGNMENT == 0 else None
                 local, descriptor, entry = _zip_entry(self.folder + f"data/{key}".encode(),
                                                       size, info.CRC, self._out.length, phase)

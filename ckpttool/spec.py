@@ -144,12 +144,17 @@ class HFSpec:
         return f"hf:{self.name}({', '.join(f'{k}={v!r}' for k, v in self.args.items())})"
 
     @property
+    def extra(self) -> dict[str, Any]:
+        """The named schedule's own arguments (get_scheduler's scheduler_specific_kwargs; the
+        Trainer's lr_scheduler_kwargs)."""
+        return {k: v for k, v in self.args.items() if k not in HF_MAIN_ARGS}
+
+    @property
     def python(self) -> str:
         """The call a training script makes to build it."""
         main = [f"{k}={self.args[k]!r}" for k in HF_MAIN_ARGS if k in self.args]
-        extra = {k: v for k, v in self.args.items() if k not in HF_MAIN_ARGS}
-        if extra:
-            main.append(f"scheduler_specific_kwargs={extra!r}")
+        if self.extra:
+            main.append(f"scheduler_specific_kwargs={self.extra!r}")
         return f"transformers.get_scheduler({self.name!r}, optimizer, {', '.join(main)})"
 
     def with_sets(self, assignments: list[str]) -> HFSpec:
@@ -178,12 +183,11 @@ class HFSpec:
         except ImportError:
             raise SpecError(f"{self.text} needs transformers: pip install 'ckpttool[hf]'") \
                 from None
-        extra = {k: v for k, v in self.args.items() if k not in HF_MAIN_ARGS}
         try:
             return transformers.get_scheduler(
                 self.name, optimizer, num_warmup_steps=self.args.get("num_warmup_steps"),
                 num_training_steps=self.args.get("num_training_steps"),
-                scheduler_specific_kwargs=extra or None)
+                scheduler_specific_kwargs=self.extra or None)
         except (ValueError, TypeError, KeyError) as e:
             text = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             valid = hf_arguments(self.name)

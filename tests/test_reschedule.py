@@ -79,6 +79,15 @@ def snapshot(opt) -> list:
             for g in opt.param_groups]
 
 
+def snapshots(opt, sched, steps: int) -> list:
+    """The group values now (what the next step uses), then after each of ``steps`` steps."""
+    out = [snapshot(opt)]
+    for _ in range(steps):
+        step_once(opt, sched)
+        out.append(snapshot(opt))
+    return out
+
+
 def same(a: Any, b: Any) -> bool:
     """Bit-exact equality of snapshots (floats by bytes, tensors by dtype and bytes)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
@@ -169,12 +178,9 @@ def test_resume_after_reschedule_is_the_run_with_the_new_schedule(tmp_path_facto
         warnings.simplefilter("ignore")
         for _ in range(case["steps"]):
             step_once(scratch_opt, scratch)
-    expected = [snapshot(scratch_opt)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for _ in range(RESUMED_STEPS):
-            step_once(scratch_opt, scratch)
-            expected.append(snapshot(scratch_opt))
+        expected = snapshots(scratch_opt, scratch, RESUMED_STEPS)
 
     # Resume from the rewritten file, the documented way.
     ckpt = torch.load(out, weights_only=True)
@@ -185,10 +191,7 @@ def test_resume_after_reschedule_is_the_run_with_the_new_schedule(tmp_path_facto
         sched = build(case["b"], opt)
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        got = [snapshot(opt)]
-        for _ in range(RESUMED_STEPS):
-            step_once(opt, sched)
-            got.append(snapshot(opt))
+        got = snapshots(opt, sched, RESUMED_STEPS)
     for i, (e, g) in enumerate(zip(expected, got)):
         assert same(e, g), f"resumed step {i}: expected {e}, got {g}"
 
@@ -870,20 +873,14 @@ def test_hf_schedules_resume_as_a_run_that_used_them(tmp_path, name, args):
     ref = build(ref_opt)
     for _ in range(steps):
         step_once(ref_opt, ref)
-    expected = [snapshot(ref_opt)]  # the lr the first resumed step uses, then the next ones
-    for _ in range(RESUMED_STEPS):
-        step_once(ref_opt, ref)
-        expected.append(snapshot(ref_opt))
+    expected = snapshots(ref_opt, ref, RESUMED_STEPS)  # the lr the first resumed step uses, ...
     # ... and the resumed one, loaded the documented way.
     ckpt = torch.load(tmp_path / "b.pt", weights_only=True)
     new_opt = make_opt("AdamW", groups, None, 0.9, [2, 1])
     new_sched = build(new_opt)
     new_opt.load_state_dict(ckpt["optimizer"])
     new_sched.load_state_dict(ckpt["scheduler"])
-    got = [snapshot(new_opt)]
-    for _ in range(RESUMED_STEPS):
-        step_once(new_opt, new_sched)
-        got.append(snapshot(new_opt))
+    got = snapshots(new_opt, new_sched, RESUMED_STEPS)
     assert same(got, expected)
 
 
