@@ -423,6 +423,10 @@ def _check_output(source: Checkpoint, path: str, force: bool,
     # from the command line, the option that named it; from Python, save()'s arguments
     force_text = "--force" if option else "force=True"
     option = option or "path"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise StateError(f"{os.path.dirname(path) or parent}: no such folder for the output "
+                         f"{path}; create it first (--out-dir creates the folders it needs)")
     out = os.path.realpath(path)
     where = relation(path, source.path)
     if where == "same":

@@ -910,3 +910,15 @@ def test_an_unknown_hf_argument_lists_the_valid_ones():
         ckpttool.reschedule(FIXTURES / "adamw_cosine.pt",
                             scheduler="hf:cosine(num_warmup_steps=2, num_training_steps=40, "
                             "T_max=3)")
+
+
+@pytest.mark.parametrize("source, out", [
+    (FIXTURES / "adamw_cosine.pt", "nope/x.pt"),
+    (ROOT / "fixtures/dirs/hf_trainer/checkpoint-20", "nope/checkpoint-20")])
+def test_an_output_in_a_missing_folder_says_to_create_it(run_cli, tmp_path, source, out):
+    result = run_cli("reschedule", source, "-o", tmp_path / out, "--step", "3")
+    assert result.exit_code == EXIT_ERROR
+    assert result.stderr.strip().endswith(
+        f"{tmp_path / 'nope'}: no such folder for the output {tmp_path / out}; create it "
+        "first (--out-dir creates the folders it needs)")
+    assert list(tmp_path.iterdir()) == []
